@@ -1,0 +1,141 @@
+"""Checkpoints: arrays in an .npz keyed by tree path, plus a JSON sidecar; no pickle.
+
+Layout: `out_dir/checkpoints/step_00001000/{arrays.npz, meta.json}`. A checkpoint is
+written into a hidden temporary directory, every file and the directory are fsynced, then
+the directory is renamed into place, so a reader sees a whole checkpoint or none. The
+sidecar records the step, the run configuration, the tokenizer and a SHA-256 of the array
+file; loading checks it and reads with `allow_pickle=False`, so a checkpoint cannot run code.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+
+import jax
+import numpy as np
+
+ARRAYS, META = "arrays.npz", "meta.json"
+_STEP_DIR = re.compile(r"^step_(\d{8})$")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be written or read; the message says which and why."""
+
+
+def _name(path) -> str:
+    parts = []
+    for k in path:
+        parts.append(str(getattr(k, "name", getattr(k, "key", getattr(k, "idx", k)))))
+    return "/".join(parts)
+
+
+def flatten(tree, prefix: str) -> dict[str, np.ndarray]:
+    """{'prefix/h/0/attn/c_attn/weight': host array} for every leaf of `tree`."""
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    # One host copy per leaf: a replicated array holds the whole value on every device.
+    return {f"{prefix}/{_name(p)}": np.asarray(x.addressable_data(0) if isinstance(x, jax.Array) else x)
+            for p, x in leaves}
+
+
+def unflatten(template, prefix: str, arrays: dict[str, np.ndarray]):
+    """Fill `template`'s structure with `arrays[prefix/...]`, checking names, shapes and dtypes."""
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(template)
+    out = []
+    for p, t in leaves:
+        name = f"{prefix}/{_name(p)}"
+        if name not in arrays:
+            raise CheckpointError(f"checkpoint has no array {name!r}")
+        a = arrays[name]
+        if a.shape != tuple(t.shape) or a.dtype != t.dtype:
+            raise CheckpointError(f"array {name!r} is {a.dtype}{list(a.shape)}, expected {t.dtype}{list(t.shape)}")
+        out.append(a)
+    return jax.tree.unflatten(treedef, out)
+
+
+def _fsync(path: Path):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def checkpoint_dirs(out_dir) -> list[Path]:
+    """Step directories under out_dir/checkpoints, newest first."""
+    root = Path(out_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    return sorted((p for p in root.iterdir() if _STEP_DIR.match(p.name)), reverse=True)
+
+
+def save(out_dir, step: int, arrays: dict[str, np.ndarray], meta: dict, keep: int = 3) -> Path:
+    """Write checkpoint `step` atomically and keep the newest `keep` checkpoints."""
+    root = Path(out_dir) / "checkpoints"
+    final = root / f"step_{step:08d}"
+    tmp = root / f".tmp_step_{step:08d}_{os.getpid()}"
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        with open(tmp / ARRAYS, "wb") as f:
+            np.savez(f, **arrays)
+            f.flush()
+            os.fsync(f.fileno())
+        meta = {**meta, "step": step, "sha256": {ARRAYS: _sha256(tmp / ARRAYS)}}
+        with open(tmp / META, "w") as f:
+            json.dump(meta, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        _fsync(tmp)
+        if final.exists():  # the same step saved again (e.g. a resumed run's last step)
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _fsync(root)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointError(f"cannot write checkpoint to {root}: {e.strerror or e} "
+                              f"(free disk space or choose a writable out_dir); earlier checkpoints are untouched") from None
+    for old in checkpoint_dirs(out_dir)[keep:]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def load(path) -> tuple[dict[str, np.ndarray], dict]:
+    """(arrays, meta) of the checkpoint directory `path`, verified against its checksum."""
+    path = Path(path)
+    try:
+        meta = json.loads((path / META).read_text())
+        expected = meta["sha256"][ARRAYS]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"checkpoint {path} has no readable {META} ({type(e).__name__})") from None
+    try:
+        if _sha256(path / ARRAYS) != expected:
+            raise CheckpointError(f"checkpoint {path}: {ARRAYS} does not match its checksum (truncated or corrupt)")
+        with np.load(path / ARRAYS, allow_pickle=False) as z:
+            arrays = {k: z[k] for k in z.files}
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"checkpoint {path}: cannot read {ARRAYS} ({e})") from None
+    return arrays, meta
+
+
+def load_latest(out_dir, report=print) -> tuple[dict[str, np.ndarray], dict] | None:
+    """The newest checkpoint that verifies; each one skipped is reported in one line."""
+    for path in checkpoint_dirs(out_dir):
+        try:
+            return load(path)
+        except CheckpointError as e:
+            report(f"skipping {e}")
+    return None

@@ -1,0 +1,91 @@
+"""AdamW written by hand: `adam_i` updates one leaf, `jax.tree.map` applies it to the model.
+
+Contract of `adam_update(model, grads, state, hp)`:
+  * `grads` has the structure of `model` (float32 leaves); `state` is an `AdamState`
+    from `adam_init(model)`; `hp` holds the hyperparameters (an `AdamHParams`).
+  * The gradient is first clipped to a global L2 norm of `hp.grad_clip` (0 disables).
+  * The learning rate of update t (t = state.count, counted from 0) is `lr_schedule(t, hp)`.
+  * Moments use the bias-corrected Adam rule; weight decay is decoupled (AdamW:
+    p -= lr * wd * p) and applies to leaves with ndim >= 2 only (matmul weights and
+    embeddings, not biases or LayerNorm gains).
+  * Returns (new_model, new_state, metrics) with metrics = {"lr", "grad_norm"}; pure,
+    so it runs inside jit/pmap.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+
+class AdamState(NamedTuple):
+    count: jax.Array  # int32 scalar: number of updates applied so far
+    mu: object  # first moments, same structure as the model
+    nu: object  # second moments, same structure as the model
+
+
+@dataclasses.dataclass(frozen=True)
+class AdamHParams:
+    learning_rate: float = 1e-3
+    min_lr: float = 1e-4
+    warmup_iters: int = 100
+    lr_decay_iters: int = 5000
+    decay_lr: bool = True
+    beta1: float = 0.9
+    beta2: float = 0.99
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+
+
+def adam_init(model) -> AdamState:
+    zeros = lambda p: jnp.zeros_like(p, dtype=jnp.float32)  # noqa: E731
+    return AdamState(jnp.zeros((), jnp.int32), jax.tree.map(zeros, model), jax.tree.map(zeros, model))
+
+
+def lr_schedule(step, hp: AdamHParams):
+    """Linear warmup from lr/warmup to lr over `warmup_iters` updates, then cosine decay to
+    `min_lr` at `lr_decay_iters`, then constant `min_lr` (nanoGPT's get_lr)."""
+    if not hp.decay_lr:
+        return jnp.asarray(hp.learning_rate, jnp.float32)
+    step = jnp.asarray(step, jnp.float32)
+    warm = hp.learning_rate * (step + 1) / max(hp.warmup_iters, 1)
+    progress = (step - hp.warmup_iters) / max(hp.lr_decay_iters - hp.warmup_iters, 1)
+    cosine = 0.5 * (1.0 + jnp.cos(math.pi * jnp.clip(progress, 0.0, 1.0)))
+    decayed = hp.min_lr + cosine * (hp.learning_rate - hp.min_lr)
+    return jnp.where(step < hp.warmup_iters, warm, decayed)
+
+
+def global_norm(tree):
+    return jnp.sqrt(sum(jnp.sum(jnp.square(x)) for x in jax.tree.leaves(tree)))
+
+
+def adam_i(param, grad, mu, nu, i, *, lr, beta1, beta2, eps, weight_decay):
+    """One AdamW update of a single leaf at update index `i` (0-based)."""
+    mu = beta1 * mu + (1 - beta1) * grad
+    nu = beta2 * nu + (1 - beta2) * jnp.square(grad)
+    t = (i + 1).astype(jnp.float32)
+    mu_hat = mu / (1 - beta1**t)
+    nu_hat = nu / (1 - beta2**t)
+    decay = weight_decay if param.ndim >= 2 else 0.0
+    param = param - lr * (mu_hat / (jnp.sqrt(nu_hat) + eps) + decay * param)
+    return param, mu, nu
+
+
+def adam_update(model, grads, state: AdamState, hp: AdamHParams):
+    grad_norm = global_norm(grads)
+    if hp.grad_clip > 0:
+        scale = jnp.minimum(1.0, hp.grad_clip / (grad_norm + 1e-6))
+        grads = jax.tree.map(lambda g: g * scale, grads)
+    lr = lr_schedule(state.count, hp)
+    update = functools.partial(
+        adam_i, i=state.count, lr=lr, beta1=hp.beta1, beta2=hp.beta2, eps=hp.eps, weight_decay=hp.weight_decay
+    )
+    out = jax.tree.map(update, model, grads, state.mu, state.nu)
+    model, mu, nu = jax.tree.transpose(jax.tree.structure(model), jax.tree.structure((0, 0, 0)), out)
+    return model, AdamState(state.count + 1, mu, nu), {"lr": lr, "grad_norm": grad_norm}

@@ -1,0 +1,115 @@
+"""Data parallelism: the per-device `step`, its `jax.pmap` wrapper, and data placement.
+
+`step` is plain per-device code; the device axis appears only in `lax.pmean` (and in
+`lax.axis_index`, so each device draws different dropout masks). Replicated state (model
+and optimizer state) is one `jax.Array` per leaf with sharding `NamedSharding(mesh, P())`,
+passed with `in_axes=None` / `out_axes=None`: no stacked replicas, no per-step gathers.
+Batches are (n_devices, B / n_devices, T) arrays sharded `P(AXIS)` over their first axis.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from parallel_gpt.optim import AdamHParams, adam_update
+
+AXIS = "batch"
+
+
+class ParallelError(ValueError):
+    """A device or batch layout that cannot work; the message says what to change."""
+
+
+def make_mesh(devices: int | None = None) -> Mesh:
+    """A 1-D mesh over the first `devices` local devices of every process (default: all)."""
+    local = jax.local_devices()
+    if devices is not None and not 1 <= devices <= len(local):
+        raise ParallelError(f"devices={devices} but this process has {len(local)} {local[0].platform} device(s): "
+                            f"use devices between 1 and {len(local)}")
+    if devices is not None and devices < len(local) and jax.process_count() > 1:
+        raise ParallelError("devices=N with several processes is not supported: every process uses all its devices")
+    chosen = local[: devices or len(local)] if jax.process_count() == 1 else jax.devices()
+    return Mesh(np.array(chosen), (AXIS,))
+
+
+def check_batch_size(batch_size: int, n_devices: int):
+    if batch_size % n_devices:
+        lower = batch_size // n_devices * n_devices
+        nearest = " or ".join(str(b) for b in (lower, lower + n_devices) if b > 0)
+        raise ParallelError(f"batch_size={batch_size} is not divisible by the {n_devices} devices: use {nearest}")
+
+
+def replicate(tree, mesh: Mesh):
+    """Place every leaf on every device of `mesh`, once, as one array per leaf."""
+    return jax.device_put(tree, NamedSharding(mesh, P()))
+
+
+def shard_batch(local_rows: np.ndarray, mesh: Mesh) -> jax.Array:
+    """This process's rows (B_local, T) -> a global (n_devices, B / n_devices, T) array,
+    each device holding one (1, B / n_devices, T) slice."""
+    n_local = len(mesh.local_devices)
+    rows = local_rows.reshape(n_local, -1, *local_rows.shape[1:])  # (n_local, B_local / n_local, T)
+    return jax.make_array_from_process_local_data(NamedSharding(mesh, P(AXIS)), rows)
+
+
+def _loss_and_grads(model, xb, yb, key, grad_accum: int, dtype):
+    """Mean loss and gradient over this device's rows, in `grad_accum` sequential slices."""
+    value_and_grad = jax.value_and_grad(lambda m, x, y, k: m.loss(x, y, key=k, dtype=dtype))
+    if grad_accum == 1:
+        return value_and_grad(model, xb, yb, key)
+    xs = xb.reshape(grad_accum, -1, xb.shape[-1])  # (A, B_dev / A, T)
+    ys = yb.reshape(grad_accum, -1, yb.shape[-1])
+    keys = jax.random.split(key, grad_accum) if key is not None else None
+
+    def micro(carry, inputs):
+        x, y, k = inputs
+        loss, grads = value_and_grad(model, x, y, k)
+        return jax.tree.map(jnp.add, carry, (loss, grads)), None
+
+    zero = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, model))
+    total, _ = lax.scan(micro, zero, (xs, ys, keys))
+    return jax.tree.map(lambda t: t / grad_accum, total)
+
+
+def step(model, xb, yb, opt_state, *, hp: AdamHParams, seed: int = 0, grad_accum: int = 1, dtype=jnp.float32):
+    """One data-parallel training step, as seen by one device.
+
+    xb, yb: this device's (B / n_devices, T) token ids and targets. Gradients and loss are
+    averaged over the device axis, then AdamW (with clipping) updates the replicated state.
+    A non-finite loss or gradient norm skips the update: model and optimizer state come
+    back unchanged and metrics["nonfinite"] is 1.
+    Returns (model, opt_state, metrics); every output is identical on all devices.
+    """
+    key = None
+    if model.config.dropout > 0:
+        # A pure function of (seed, update count, device): resumed runs draw the same masks.
+        key = jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), opt_state.count), lax.axis_index(AXIS))
+    loss, grads = _loss_and_grads(model, xb, yb, key, grad_accum, dtype)
+    loss, grads = lax.pmean((loss, grads), AXIS)
+    new_model, new_state, metrics = adam_update(model, grads, opt_state, hp)
+    finite = jnp.isfinite(loss) & jnp.isfinite(metrics["grad_norm"])
+    keep = lambda new, old: jnp.where(finite, new, old)  # noqa: E731
+    model, opt_state = jax.tree.map(keep, (new_model, new_state), (model, opt_state))
+    return model, opt_state, {"loss": loss, "nonfinite": (~finite).astype(jnp.int32), **metrics}
+
+
+def eval_step(model, xb, yb, *, dtype=jnp.float32):
+    """Mean loss over the global batch (no dropout), identical on all devices."""
+    return lax.pmean(model.loss(xb, yb, dtype=dtype), AXIS)
+
+
+def pmap_step(mesh: Mesh, **step_kwargs):
+    """`step` over the devices of `mesh`; model and optimizer state are donated."""
+    return jax.pmap(functools.partial(step, **step_kwargs), axis_name=AXIS, in_axes=(None, 0, 0, None),
+                    out_axes=None, donate_argnums=(0, 3), devices=list(mesh.devices.flat))
+
+
+def pmap_eval(mesh: Mesh, **kwargs):
+    return jax.pmap(functools.partial(eval_step, **kwargs), axis_name=AXIS, in_axes=(None, 0, 0),
+                    out_axes=None, devices=list(mesh.devices.flat))
