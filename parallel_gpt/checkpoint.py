@@ -14,6 +14,7 @@ import json
 import os
 import re
 import shutil
+import signal
 from pathlib import Path
 
 import jax
@@ -25,6 +26,18 @@ _STEP_DIR = re.compile(r"^step_(\d{8})$")
 
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be written or read; the message says which and why."""
+
+
+def fault_point(name: str):
+    """Test hook: with PARALLEL_GPT_FAULT="<name>:<SIGNAL>[*count]" the process sends itself
+    that signal at this point, so tests can kill or interrupt a run at an exact place
+    (e.g. "save_00000010_arrays:SIGKILL", "step_7:SIGTERM*2"). Unset, it does nothing."""
+    spec = os.environ.get("PARALLEL_GPT_FAULT")
+    if not spec or spec.partition(":")[0] != name:
+        return
+    sig, _, count = spec.partition(":")[2].partition("*")
+    for _ in range(int(count or 1)):
+        os.kill(os.getpid(), getattr(signal, sig))
 
 
 def _name(path) -> str:
@@ -88,22 +101,26 @@ def save(out_dir, step: int, arrays: dict[str, np.ndarray], meta: dict, keep: in
     tmp = root / f".tmp_step_{step:08d}_{os.getpid()}"
     try:
         root.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)
+        for stale in root.glob(".tmp_step_*"):  # left by a process killed mid-write
+            shutil.rmtree(stale, ignore_errors=True)
         tmp.mkdir()
         with open(tmp / ARRAYS, "wb") as f:
             np.savez(f, **arrays)
             f.flush()
             os.fsync(f.fileno())
+        fault_point(f"save_{step:08d}_arrays")
         meta = {**meta, "step": step, "sha256": {ARRAYS: _sha256(tmp / ARRAYS)}}
         with open(tmp / META, "w") as f:
             json.dump(meta, f, indent=1)
             f.flush()
             os.fsync(f.fileno())
         _fsync(tmp)
+        fault_point(f"save_{step:08d}_meta")
         if final.exists():  # the same step saved again (e.g. a resumed run's last step)
             shutil.rmtree(final)
         os.replace(tmp, final)
         _fsync(root)
+        fault_point(f"save_{step:08d}_renamed")
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
         raise CheckpointError(f"cannot write checkpoint to {root}: {e.strerror or e} "

@@ -87,7 +87,10 @@ class MetricsLog:
                 tmp.write_text("".join(r + "\n" for r in kept))
                 os.replace(tmp, self.path)
         self.file = open(self.path, "a")
-        self.tb = SummaryWriter(str(out_dir / "tb"), purge_step=start_step + 1 if start_step else None)
+        # A crashed run may have logged steps after its last checkpoint: TensorBoard hides
+        # events at steps >= purge_step written before this point. The pid keeps two runs
+        # started within one second from sharing an events file name.
+        self.tb = SummaryWriter(str(out_dir / "tb"), purge_step=start_step + 1, filename_suffix=f".{os.getpid()}")
 
     def write(self, step: int, **figures):
         if not self.active:
@@ -135,6 +138,16 @@ def save_checkpoint(tconf: TrainConfig, step: int, model, opt_state, tokenizer):
     checkpoint.save(tconf.out_dir, step, arrays, meta, keep=tconf.keep_checkpoints)
 
 
+def make_layout(tconf: TrainConfig):
+    """The device mesh for `tconf`, after checking that the batch divides over it."""
+    mesh = parallel.make_mesh(tconf.devices)
+    parallel.check_batch_size(tconf.batch_size, mesh.size)
+    if (tconf.batch_size // mesh.size) % tconf.grad_accum:
+        raise ConfigError(f"grad_accum={tconf.grad_accum} does not divide the per-device batch "
+                          f"{tconf.batch_size // mesh.size} (batch_size={tconf.batch_size} over {mesh.size} devices)")
+    return mesh
+
+
 def train(model: GPT, dataloader: DataLoader, tconf: TrainConfig, *, opt_state: AdamState | None = None,
           start_step: int = 0):
     """Train `model` from update `start_step` to `tconf.max_iters`; returns (model, opt_state).
@@ -142,11 +155,7 @@ def train(model: GPT, dataloader: DataLoader, tconf: TrainConfig, *, opt_state: 
     Batch `step` of `dataloader` feeds update `step`, so a run resumed from a checkpoint at
     step s replays exactly what an uninterrupted run would have done after s.
     """
-    mesh = parallel.make_mesh(tconf.devices)
-    parallel.check_batch_size(tconf.batch_size, mesh.size)
-    if (tconf.batch_size // mesh.size) % tconf.grad_accum:
-        raise ConfigError(f"grad_accum={tconf.grad_accum} does not divide the per-device batch "
-                          f"{tconf.batch_size // mesh.size} (batch_size={tconf.batch_size} over {mesh.size} devices)")
+    mesh = make_layout(tconf)
     out_dir = Path(tconf.out_dir)
     dtype = jnp.dtype(tconf.dtype)
     pstep = parallel.pmap_step(mesh, hp=tconf.adam(), seed=tconf.seed, grad_accum=tconf.grad_accum, dtype=dtype)
@@ -165,12 +174,13 @@ def train(model: GPT, dataloader: DataLoader, tconf: TrainConfig, *, opt_state: 
     place = lambda s: tuple(parallel.shard_batch(a, mesh) for a in dataloader.batch(s))  # noqa: E731
     nonfinite_flags, consecutive, skipped = [], 0, 0
     t_start = t_log = time.perf_counter()
-    last_log_step = start_step
+    last_log_step, paused = start_step, 0.0
     batch = place(start_step) if start_step < tconf.max_iters else None
     try:
         with StopSignals() as signals:
             for step in range(start_step + 1, tconf.max_iters + 1):
                 model, opt_state, metrics = pstep(model, *batch, opt_state)
+                checkpoint.fault_point(f"step_{step}")
                 if step < tconf.max_iters:
                     batch = place(step)  # the next batch is built and placed while this step runs
                 nonfinite_flags.append(metrics["nonfinite"])
@@ -186,7 +196,7 @@ def train(model: GPT, dataloader: DataLoader, tconf: TrainConfig, *, opt_state: 
                                 f"lower learning_rate or check the data; the newest checkpoint is the last good state")
                     nonfinite_flags = []
                     now = time.perf_counter()
-                    tok_s = (step - last_log_step) * tokens_per_step / (now - t_log)
+                    tok_s = (step - last_log_step) * tokens_per_step / (now - t_log - paused)
                     util = perf.mfu(flops_per_token, tok_s, peak)
                     log.write(step, loss=float(m["loss"]), lr=float(m["lr"]), grad_norm=float(m["grad_norm"]),
                               tokens_per_sec=tok_s, mfu=util, nonfinite_skipped=skipped)
@@ -194,17 +204,20 @@ def train(model: GPT, dataloader: DataLoader, tconf: TrainConfig, *, opt_state: 
                            f"{tok_s:,.0f} tok/s" + (f" | MFU {100 * util:.1f}%" if util else "") +
                            (f" | skipped {skipped}" if skipped else "") + " | " +
                            _progress(step, tconf.max_iters, now - t_start, step - start_step))
-                    t_log, last_log_step = now, step
+                    t_log, last_log_step, paused = now, step, 0.0
 
-                if step % tconf.eval_interval == 0 or step == tconf.max_iters:
-                    losses = estimate_loss(peval, model, dataloader, mesh, tconf.eval_iters)
-                    log.write(step, train_loss=losses["train"], val_loss=losses["val"])
-                    print0(f"step {step:>6} | eval: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
-                    t_log = time.perf_counter()  # evaluation time is not training throughput
-
-                if step % tconf.ckpt_interval == 0 or step == tconf.max_iters or signals.requested:
-                    save_checkpoint(tconf, step, model, opt_state, tokenizer)
-                    t_log = time.perf_counter()
+                evaluate = step % tconf.eval_interval == 0 or step == tconf.max_iters
+                save = step % tconf.ckpt_interval == 0 or step == tconf.max_iters or signals.requested
+                if evaluate or save:
+                    jax.block_until_ready(metrics)  # time spent below is not training throughput
+                    t_pause = time.perf_counter()
+                    if evaluate:
+                        losses = estimate_loss(peval, model, dataloader, mesh, tconf.eval_iters)
+                        log.write(step, train_loss=losses["train"], val_loss=losses["val"])
+                        print0(f"step {step:>6} | eval: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
+                    if save:
+                        save_checkpoint(tconf, step, model, opt_state, tokenizer)
+                    paused += time.perf_counter() - t_pause
                 if signals.requested:
                     raise Interrupted(f"stopped by {signals.requested} at step {step}; checkpoint saved: "
                                       f"run the same command to resume")
@@ -268,6 +281,7 @@ def main(argv=None) -> int:
         corpus = load_corpus(tconf.dataset)
         dataloader = DataLoader(corpus, tconf.block_size, tconf.batch_size, tconf.seed,
                                 jax.process_index(), jax.process_count())
+        make_layout(tconf)  # fail on a bad device layout before touching out_dir
         if jax.process_index() == 0:
             _check_writable(tconf.out_dir)
         model, opt_state, start = init_or_resume(tconf, corpus.tokenizer)

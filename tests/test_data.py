@@ -1,0 +1,120 @@
+import json
+
+import numpy as np
+import pytest
+
+from parallel_gpt.data import (VAL_PLAYS, CharTokenizer, DataError, DataLoader, load_corpus, markdown_play_to_text,
+                               shakespeare_plays)
+
+PLAY = """# Hamlet
+
+## ACT I
+
+### SCENE I. Elsinore. A platform before the castle.
+
+_FRANCISCO at his post. Enter to him BERNARDO_
+
+**BERNARDO**  
+Who's there?
+
+**FRANCISCO**  
+Nay, answer me: stand,  
+and unfold yourself.
+
+_Exit_
+
+**HORATIO**  
+__\\[Aside]_ Friends to this ground\\--and liegemen.
+
+_Sings_
+
+A second stanza,  
+sung.
+"""
+
+
+def test_markdown_to_plain_speeches():
+    assert markdown_play_to_text(PLAY) == (
+        "BERNARDO:\nWho's there?\n\n"
+        "FRANCISCO:\nNay, answer me: stand,\nand unfold yourself.\n\n"
+        "HORATIO:\nFriends to this ground--and liegemen.\nA second stanza,\nsung.\n\n"
+    )
+
+
+def test_tokenizer_round_trip_and_json():
+    tok = CharTokenizer.from_text("hello world\n")
+    ids = tok.encode("world hello")
+    assert ids.dtype == np.uint16 and tok.decode(ids) == "world hello"
+    assert CharTokenizer.from_json(json.loads(json.dumps(tok.to_json()))) == tok
+    with pytest.raises(DataError, match=r"not in the vocabulary: 'QZ'"):
+        tok.encode("Zero Q")
+
+
+def test_shakespeare_corpus_holds_out_whole_plays(cache_dir):
+    plays = shakespeare_plays()
+    assert len(plays) >= 37 and set(VAL_PLAYS) <= set(plays)
+    corpus = load_corpus("shakespeare", cache_dir)
+    text_val = corpus.tokenizer.decode(corpus.val[:2000])
+    assert corpus.train.dtype == np.uint16 and corpus.train.size > 3_000_000
+    assert 0.08 < corpus.val.size / (corpus.train.size + corpus.val.size) < 0.16
+    assert ":\n" in text_val and "**" not in text_val and "_" not in text_val
+    assert "HAMLET:" not in corpus.tokenizer.decode(corpus.train)  # a held-out play's hero
+    meta = json.loads((cache_dir / "shakespeare" / "meta.json").read_text())
+    assert meta["train_tokens"] == corpus.train.size
+    again = load_corpus("shakespeare", cache_dir)  # read back from the uint16 cache
+    np.testing.assert_array_equal(again.train, corpus.train)
+
+
+def test_text_file_dataset_and_cache_invalidation(tmp_path):
+    path = tmp_path / "t.txt"
+    path.write_text("abcdefghij" * 100)
+    corpus = load_corpus(str(path), tmp_path / "cache")
+    assert corpus.train.size == 900 and corpus.val.size == 100
+    path.write_text("xyz" * 500)  # a changed file is encoded again
+    corpus = load_corpus(str(path), tmp_path / "cache")
+    assert corpus.tokenizer.chars == "xyz" and corpus.train.size + corpus.val.size == 1500
+
+
+@pytest.mark.parametrize("content, message", [
+    (None, "does not exist"),
+    (b"", "is empty"),
+    (b"\xff\xfe bad bytes", "is not UTF-8"),
+])
+def test_bad_dataset_files(tmp_path, content, message):
+    path = tmp_path / "d.txt"
+    if content is not None:
+        path.write_bytes(content)
+    with pytest.raises(DataError, match=message):
+        load_corpus(str(path), tmp_path / "cache")
+
+
+def _corpus(tmp_path, n=5000):
+    path = tmp_path / "t.txt"
+    path.write_text("".join(chr(97 + (i * 7) % 26) for i in range(n)))
+    return load_corpus(str(path), tmp_path / "cache")
+
+
+def test_split_shorter_than_a_block_is_rejected(tmp_path):
+    corpus = _corpus(tmp_path, n=300)  # val split: 30 tokens
+    with pytest.raises(DataError, match="val split .* 30 tokens, fewer than block_size\\+1=33"):
+        DataLoader(corpus, block_size=32, batch_size=4, seed=0)
+
+
+def test_global_batch_is_a_pure_function_of_seed_and_step(tmp_path):
+    corpus = _corpus(tmp_path)
+    a, b = DataLoader(corpus, 16, 8, seed=3), DataLoader(corpus, 16, 8, seed=3)
+    xa, ya = a.batch(7)
+    xb, yb = b.batch(7)
+    np.testing.assert_array_equal(xa, xb)
+    assert xa.shape == (8, 16) and xa.dtype == np.int32
+    np.testing.assert_array_equal(xa[:, 1:], ya[:, :-1])  # targets are inputs shifted by one
+    assert not np.array_equal(a.batch(8)[0], xa)
+    assert not np.array_equal(DataLoader(corpus, 16, 8, seed=4).batch(7)[0], xa)
+    np.testing.assert_array_equal(a.eval_batch("val", 0)[0], b.eval_batch("val", 0)[0])
+
+
+def test_processes_take_disjoint_rows_of_the_same_global_batch(tmp_path):
+    corpus = _corpus(tmp_path)
+    full = DataLoader(corpus, 16, 8, seed=0).batch(3)[0]
+    parts = [DataLoader(corpus, 16, 8, seed=0, process_index=p, process_count=4).batch(3)[0] for p in range(4)]
+    np.testing.assert_array_equal(np.concatenate(parts), full)

@@ -1,0 +1,107 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from parallel_gpt.model import GPT, GPTConfig, cross_entropy, pad_vocab
+
+CFG = GPTConfig(block_size=16, vocab_size=64, n_layer=2, n_head=2, n_embd=32)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return GPT.create(CFG, key=jax.random.key(0))
+
+
+def hand_count(c: GPTConfig) -> int:
+    C, V, T, L = c.n_embd, c.vocab_size, c.block_size, c.n_layer
+    per_block = (
+        2 * 2 * C  # two LayerNorms, weight + bias
+        + C * 3 * C + 3 * C  # fused qkv
+        + C * C + C  # attention output projection
+        + C * 4 * C + 4 * C  # MLP up
+        + 4 * C * C + C  # MLP down
+    )
+    return V * C + T * C + L * per_block + 2 * C  # tied head: wte counted once; ln_f
+
+
+def test_shapes_and_parameter_count(model):
+    idx = jnp.zeros((3, 16), jnp.int32)
+    assert model(idx).shape == (3, 16, 64)
+    assert model(idx[:, :5]).shape == (3, 5, 64)
+    assert model.num_params(non_embedding=False) == hand_count(CFG)
+    assert model.num_params() == hand_count(CFG) - 16 * 32
+
+
+def test_flops_per_token_hand_count(model):
+    N = hand_count(CFG) - CFG.block_size * CFG.n_embd
+    assert model.flops_per_token() == 6 * N + 12 * 2 * 16 * 32
+
+
+def test_gpt2_small_flops_match_nanogpt():
+    """nanoGPT: GPT-2 small at block 1024 is about 0.86 GFLOP per token (6N + 12LTC)."""
+    c = GPTConfig(block_size=1024, vocab_size=50304, n_layer=12, n_head=12, n_embd=768)
+    m = jax.eval_shape(lambda: GPT.create(c, key=jax.random.key(0)))
+    n = sum(x.size for x in jax.tree.leaves(m)) - 1024 * 768
+    assert 123.6e6 < n < 123.8e6  # nanoGPT prints "number of parameters: 123.69M"
+    assert 0.85e9 < 6 * n + 12 * 12 * 1024 * 768 < 0.86e9
+
+
+def test_causality(model):
+    """Changing token t changes no logit at positions before t."""
+    idx = jax.random.randint(jax.random.key(1), (2, 16), 0, 64)
+    base = model(idx)
+    for t in (0, 5, 15):
+        changed = model(idx.at[:, t].set((idx[:, t] + 1) % 64))
+        np.testing.assert_array_equal(np.asarray(base[:, :t]), np.asarray(changed[:, :t]))
+        assert not np.allclose(base[:, t:], changed[:, t:])
+
+
+def test_gpt2_init(model):
+    std = lambda x: float(jnp.std(x))  # noqa: E731
+    assert abs(std(model.wte.weight) - 0.02) < 0.002
+    assert abs(std(model.h[0].attn.c_attn.weight) - 0.02) < 0.002
+    scaled = 0.02 / np.sqrt(2 * CFG.n_layer)
+    assert abs(std(model.h[1].mlp.c_proj.weight) - scaled) < 0.1 * scaled
+    assert abs(std(model.h[0].attn.c_proj.weight) - scaled) < 0.1 * scaled
+    assert float(jnp.abs(model.h[0].attn.c_attn.bias).max()) == 0.0
+    # Initial loss is about log(vocab): predictions start near uniform.
+    idx = jax.random.randint(jax.random.key(2), (4, 16), 0, 64)
+    assert abs(float(model.loss(idx, idx)) - np.log(64)) < 0.1
+
+
+def test_head_is_tied_to_token_embedding(model):
+    idx = jnp.arange(16)[None]
+    grads = jax.grad(lambda m: m.loss(idx, idx))(model)
+    leaves = jax.tree_util.tree_flatten_with_path(model)[0]
+    assert not any("lm_head" in jax.tree_util.keystr(p) for p, _ in leaves)
+    # Tokens never seen in the input still get gradient through the output head.
+    assert float(jnp.abs(grads.wte.weight[40:]).sum()) > 0
+
+
+def test_dropout_is_active_only_with_a_key():
+    m = GPT.create(GPTConfig(block_size=8, vocab_size=64, n_layer=1, n_head=1, n_embd=16, dropout=0.5),
+                   key=jax.random.key(0))
+    idx = jnp.arange(8)[None]
+    np.testing.assert_array_equal(m(idx), m(idx))
+    assert not np.allclose(m(idx, key=jax.random.key(1)), m(idx, key=jax.random.key(2)))
+
+
+def test_cross_entropy_matches_numpy():
+    logits = jax.random.normal(jax.random.key(0), (2, 3, 5))
+    targets = jnp.array([[0, 1, 2], [3, 4, 0]])
+    lg = np.asarray(logits, np.float64)
+    logp = lg - np.log(np.exp(lg).sum(-1, keepdims=True))
+    expected = -np.mean(np.take_along_axis(logp, np.asarray(targets)[..., None], -1))
+    assert abs(float(cross_entropy(logits, targets)) - expected) < 1e-6
+
+
+def test_config_validation_and_vocab_padding():
+    with pytest.raises(ValueError, match="n_embd=30 is not divisible by n_head=4"):
+        GPTConfig(n_embd=30, n_head=4)
+    assert pad_vocab(65) == 128 and pad_vocab(64) == 64 and pad_vocab(50257) == 50304
+
+
+def test_sequence_longer_than_block_size_is_rejected(model):
+    with pytest.raises(ValueError, match="exceeds block_size"):
+        model(jnp.zeros((1, 17), jnp.int32))

@@ -1,0 +1,219 @@
+"""Kills, preemption, corrupt checkpoints, non-finite updates and mismatched resumes.
+
+Faults are injected at exact places through PARALLEL_GPT_FAULT (see checkpoint.fault_point),
+so no test sleeps and hopes."""
+
+import json
+import os
+import shutil
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from parallel_gpt import checkpoint, train
+
+# 30 steps, dropout on (so RNG replay is checked too), a checkpoint every 10, a row per step.
+RUN = ["--preset", "tiny", "--max_iters=30", "--ckpt_interval=10", "--eval_interval=10", "--log_interval=1",
+       "--dropout=0.1", "--sample_tokens=0"]
+LOSS_KEYS = ("loss", "lr", "grad_norm", "train_loss", "val_loss")
+
+
+def run_train(out_dir, *extra, fault=None, devices=8):
+    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+    env.pop("PARALLEL_GPT_FAULT", None)
+    if fault:
+        env["PARALLEL_GPT_FAULT"] = fault
+    return subprocess.run([sys.executable, "-m", "parallel_gpt.train", *RUN, f"--out_dir={out_dir}", *extra],
+                          capture_output=True, text=True, env=env, timeout=300)
+
+
+def loss_rows(out_dir):
+    rows = [json.loads(line) for line in (Path(out_dir) / "metrics.jsonl").read_text().splitlines()]
+    return [(r["step"], {k: r[k] for k in LOSS_KEYS if k in r}) for r in rows]
+
+
+def final_arrays(out_dir):
+    newest = checkpoint.checkpoint_dirs(out_dir)[0]
+    with np.load(newest / checkpoint.ARRAYS, allow_pickle=False) as z:
+        return newest.name, {k: z[k] for k in z.files}
+
+
+def tensorboard_steps(out_dir, tag="loss"):
+    """Steps of `tag` as TensorBoard shows them: a SessionLog START at step s (purge_step)
+    hides events at steps >= s that were written before it."""
+    from tensorboardX.proto.event_pb2 import Event, SessionLog
+
+    steps = []
+    for path in sorted((Path(out_dir) / "tb").glob("events.out.tfevents.*")):
+        data = path.read_bytes()
+        pos = 0
+        while pos + 12 <= len(data):
+            (length,) = struct.unpack("<Q", data[pos:pos + 8])
+            if pos + 12 + length + 4 > len(data):
+                break  # a record cut short by a kill
+            event = Event.FromString(data[pos + 12:pos + 12 + length])
+            pos += 12 + length + 4
+            if event.HasField("session_log") and event.session_log.status == SessionLog.START:
+                steps = [s for s in steps if s < event.step]
+            steps += [event.step for v in event.summary.value if v.tag == tag]
+    return steps
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, cache_dir):
+    out = tmp_path_factory.mktemp("reference")
+    result = run_train(out)
+    assert result.returncode == 0, result.stderr
+    return out
+
+
+def assert_same_as_reference(out, reference):
+    assert loss_rows(out) == loss_rows(reference)
+    steps = [s for s, r in loss_rows(out) if "loss" in r]
+    assert steps == list(range(1, 31))  # no step twice
+    name, arrays = final_arrays(out)
+    ref_name, ref_arrays = final_arrays(reference)
+    assert name == ref_name == "step_00000030" and arrays.keys() == ref_arrays.keys()
+    for key in arrays:
+        assert arrays[key].tobytes() == ref_arrays[key].tobytes(), key  # bit-identical
+    assert tensorboard_steps(out) == list(range(1, 31))
+
+
+@pytest.mark.parametrize("fault", [
+    "step_4:SIGKILL",  # before the first checkpoint: restarts from scratch
+    "step_14:SIGKILL",  # between checkpoints
+    "save_00000020_arrays:SIGKILL",  # mid-write: arrays written, no sidecar, not renamed
+    "save_00000020_meta:SIGKILL",  # complete but not yet renamed into place
+    "save_00000010_renamed:SIGKILL",  # renamed, older checkpoints not yet pruned
+    "step_30:SIGKILL",  # the last step, before the final checkpoint
+])
+def test_killed_run_resumes_exactly(tmp_path, reference, fault):
+    killed = run_train(tmp_path, fault=fault)
+    assert killed.returncode == -9, killed.stderr
+    resumed = run_train(tmp_path)  # the same command again
+    assert resumed.returncode == 0, resumed.stderr
+    assert_same_as_reference(tmp_path, reference)
+    assert not list((tmp_path / "checkpoints").glob(".tmp*"))
+
+
+@pytest.mark.parametrize("devices", [1, 8])
+def test_sigterm_saves_the_step_in_flight_and_resumes_exactly(tmp_path, reference, devices):
+    stopped = run_train(tmp_path, fault="step_17:SIGTERM", devices=devices)
+    assert stopped.returncode == train.EXIT_INTERRUPTED, stopped.stderr
+    assert "SIGTERM received" in stopped.stdout
+    assert checkpoint.checkpoint_dirs(tmp_path)[0].name == "step_00000017"
+    resumed = run_train(tmp_path, devices=devices)
+    assert resumed.returncode == 0 and "resuming from step 17" in resumed.stdout
+    if devices == 8:  # the reference ran on 8 devices; 1 device agrees to float tolerance
+        assert_same_as_reference(tmp_path, reference)
+    else:
+        ours = dict((s, r["loss"]) for s, r in loss_rows(tmp_path) if "loss" in r)
+        ref = dict((s, r["loss"]) for s, r in loss_rows(reference) if "loss" in r)
+        assert ours.keys() == ref.keys()
+        # Dropout masks differ per device count (folded with the device index); losses stay close.
+        assert max(abs(ours[s] - ref[s]) for s in ours) < 0.1
+
+
+def test_second_signal_exits_at_once(tmp_path, cache_dir):
+    result = run_train(tmp_path, fault="step_5:SIGTERM*2")
+    assert result.returncode == 128 + 15
+    assert not checkpoint.checkpoint_dirs(tmp_path)  # no time was spent saving
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garble", "half_written"])
+def test_corrupt_newest_checkpoint_falls_back_to_the_previous(tmp_path, reference, damage):
+    shutil.copytree(reference, tmp_path, dirs_exist_ok=True)
+    newest = checkpoint.checkpoint_dirs(tmp_path)[0]
+    data = (newest / checkpoint.ARRAYS).read_bytes()
+    if damage == "truncate":
+        (newest / checkpoint.ARRAYS).write_bytes(data[: len(data) // 3])
+    elif damage == "garble":
+        (newest / checkpoint.ARRAYS).write_bytes(data[:500] + bytes(64) + data[564:])
+    else:
+        (newest / checkpoint.META).unlink()
+    result = run_train(tmp_path, "--max_iters=30")
+    assert result.returncode == 0, result.stderr
+    reports = [line for line in result.stderr.splitlines() if line.startswith("skipping")]
+    assert len(reports) == 1 and "step_00000030" in reports[0]
+    assert "resuming from step 20" in result.stdout
+    assert_same_as_reference(tmp_path, reference)
+
+
+def test_nonfinite_updates_are_skipped_then_stop_the_run(tmp_path, reference):
+    shutil.copytree(reference, tmp_path, dirs_exist_ok=True)
+    before = final_arrays(tmp_path)
+    # Resuming at lr 1e30 (a schedule change is allowed): the first update blows the weights
+    # up, every later loss is non-finite, each such update is skipped and counted.
+    result = run_train(tmp_path, "--max_iters=60", "--learning_rate=1e30", "--max_nonfinite=5",
+                       "--ckpt_interval=100")
+    assert result.returncode == train.EXIT_NONFINITE, result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith("error: 5 consecutive non-finite updates")
+    skipped = [r.get("nonfinite_skipped") for s, r in
+               ((json.loads(x)["step"], json.loads(x)) for x in (tmp_path / "metrics.jsonl").read_text().splitlines())
+               if s > 30 and "nonfinite_skipped" in r]
+    assert skipped and skipped == sorted(skipped) and skipped[-1] >= 1
+    name, arrays = final_arrays(tmp_path)
+    assert name == before[0] == "step_00000030"
+    assert all(arrays[k].tobytes() == before[1][k].tobytes() for k in arrays)
+
+
+def _snapshot(folder):
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(Path(folder).rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--n_embd=64"], "cannot resume: the checkpoint differs in n_embd (32 -> 64)"),
+    (["--n_layer=3", "--bias=false"], "differs in n_layer (2 -> 3), bias (True -> False)"),
+    (["--init_from=scratch"], "already holds checkpoints"),
+])
+def test_mismatched_resume_is_refused_and_changes_nothing(tmp_path, reference, args, message, capsys):
+    shutil.copytree(reference, tmp_path, dirs_exist_ok=True)
+    before = _snapshot(tmp_path)
+    code = train.main([*RUN, f"--out_dir={tmp_path}", *args])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and message in err[0], err
+    assert _snapshot(tmp_path) == before
+
+
+def test_run_length_changes_are_allowed_and_logged(tmp_path, reference, capsys):
+    shutil.copytree(reference, tmp_path, dirs_exist_ok=True)
+    code = train.main([*RUN, f"--out_dir={tmp_path}", "--max_iters=32", "--lr_decay_iters=40"])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "resuming with changed settings: lr_decay_iters 20 -> 40, max_iters 30 -> 32" in out
+    assert checkpoint.checkpoint_dirs(tmp_path)[0].name == "step_00000032"
+
+
+def test_unwritable_out_dir_is_refused_before_training(tmp_path, capsys):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a directory")
+    code = train.main([*RUN, f"--out_dir={blocker / 'run'}"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "is not writable" in err[0] and "choose another out_dir" in err[0]
+    assert blocker.read_text() == "not a directory"
+
+
+def test_full_disk_fails_cleanly_and_keeps_earlier_checkpoints(tmp_path, reference):
+    import resource
+    import signal
+
+    shutil.copytree(reference, tmp_path, dirs_exist_ok=True)
+    before = {p.name: _snapshot(p) for p in checkpoint.checkpoint_dirs(tmp_path)}
+
+    def small_files():  # files may not grow past 64 KiB: the checkpoint write hits "file too large"
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, 64 * 1024))
+
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+    result = subprocess.run([sys.executable, "-m", "parallel_gpt.train", *RUN, f"--out_dir={tmp_path}",
+                             "--max_iters=40"], capture_output=True, text=True, env=env, timeout=300,
+                            preexec_fn=small_files)
+    assert result.returncode == 2, result.stderr
+    err = result.stderr.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: cannot write checkpoint") and "untouched" in err[0]
+    assert {p.name: _snapshot(p) for p in checkpoint.checkpoint_dirs(tmp_path)} == before
+    assert not list((tmp_path / "checkpoints").glob(".tmp*"))
