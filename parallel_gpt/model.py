@@ -25,6 +25,7 @@ class GPTConfig:
     n_embd: int = 384
     dropout: float = 0.0
     bias: bool = True
+    remat: bool = False  # recompute each block's activations in the backward pass (saves memory)
 
     def __post_init__(self):
         if self.n_embd % self.n_head:
@@ -151,7 +152,7 @@ class GPT(nn.Module):
         x = self.wte(idx) + self.wpe.weight[:T]  # (B, T, C)
         x = self.drop(x.astype(dtype), key=k_drop)
         for block, k in zip(self.h, k_blocks):
-            x = block(x, key=k)
+            x = jax.checkpoint(Block.__call__)(block, x, key=k) if self.config.remat else block(x, key=k)
         x = self.ln_f(x)
         return self.wte.attend(x).astype(jnp.float32)  # (B, T, vocab_size)
 

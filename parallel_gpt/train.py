@@ -184,8 +184,12 @@ def train(model: GPT, dataloader: DataLoader, tconf: TrainConfig, *, opt_state: 
                 if step < tconf.max_iters:
                     batch = place(step)  # the next batch is built and placed while this step runs
                 nonfinite_flags.append(metrics["nonfinite"])
+                do_eval = step % tconf.eval_interval == 0 or step == tconf.max_iters
+                do_save = step % tconf.ckpt_interval == 0 or step == tconf.max_iters or signals.requested
 
-                if step % tconf.log_interval == 0 or step == tconf.max_iters or signals.requested:
+                # Metrics reach the host only here; also before evaluating or saving, so that a
+                # run that only skips non-finite updates stops before it writes a checkpoint.
+                if step % tconf.log_interval == 0 or do_eval or do_save:
                     m, flags = jax.device_get((metrics, nonfinite_flags))
                     for f in flags:
                         consecutive = consecutive + 1 if f else 0
@@ -206,16 +210,13 @@ def train(model: GPT, dataloader: DataLoader, tconf: TrainConfig, *, opt_state: 
                            _progress(step, tconf.max_iters, now - t_start, step - start_step))
                     t_log, last_log_step, paused = now, step, 0.0
 
-                evaluate = step % tconf.eval_interval == 0 or step == tconf.max_iters
-                save = step % tconf.ckpt_interval == 0 or step == tconf.max_iters or signals.requested
-                if evaluate or save:
-                    jax.block_until_ready(metrics)  # time spent below is not training throughput
-                    t_pause = time.perf_counter()
-                    if evaluate:
+                if do_eval or do_save:
+                    t_pause = time.perf_counter()  # time spent below is not training throughput
+                    if do_eval:
                         losses = estimate_loss(peval, model, dataloader, mesh, tconf.eval_iters)
                         log.write(step, train_loss=losses["train"], val_loss=losses["val"])
                         print0(f"step {step:>6} | eval: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
-                    if save:
+                    if do_save:
                         save_checkpoint(tconf, step, model, opt_state, tokenizer)
                     paused += time.perf_counter() - t_pause
                 if signals.requested:

@@ -1,4 +1,6 @@
 import json
+import resource
+import signal
 
 import jax
 import numpy as np
@@ -76,16 +78,22 @@ def test_arrays_that_need_pickle_are_refused(tmp_path):
         checkpoint.load(path)
 
 
-def test_unwritable_directory_fails_cleanly(tmp_path):
+def test_a_failed_write_leaves_earlier_checkpoints_and_no_temporaries(tmp_path):
+    """A full disk, simulated with a file size limit (it binds root too)."""
     model, opt = _state()
     _save(tmp_path, 1, model, opt)
-    (tmp_path / "checkpoints").chmod(0o500)
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    old_handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG instead of a kill
+    resource.setrlimit(resource.RLIMIT_FSIZE, (4096, hard))
     try:
-        with pytest.raises(checkpoint.CheckpointError, match="cannot write checkpoint"):
+        with pytest.raises(checkpoint.CheckpointError, match="cannot write checkpoint .* File too large"):
             _save(tmp_path, 2, model, opt)
     finally:
-        (tmp_path / "checkpoints").chmod(0o700)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, old_handler)
     assert [p.name for p in checkpoint.checkpoint_dirs(tmp_path)] == ["step_00000001"]
+    assert not list((tmp_path / "checkpoints").glob(".tmp*"))
+    checkpoint.load_latest(tmp_path)
 
 
 def test_shape_mismatch_is_named(tmp_path):

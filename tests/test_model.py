@@ -66,8 +66,8 @@ def test_gpt2_init(model):
     assert abs(std(model.h[0].attn.c_proj.weight) - scaled) < 0.1 * scaled
     assert float(jnp.abs(model.h[0].attn.c_attn.bias).max()) == 0.0
     # Initial loss is about log(vocab): predictions start near uniform.
-    idx = jax.random.randint(jax.random.key(2), (4, 16), 0, 64)
-    assert abs(float(model.loss(idx, idx)) - np.log(64)) < 0.1
+    idx, targets = jax.random.randint(jax.random.key(2), (2, 4, 16), 0, 64)
+    assert abs(float(model.loss(idx, targets)) - np.log(64)) < 0.1
 
 
 def test_head_is_tied_to_token_embedding(model):

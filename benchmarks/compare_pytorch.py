@@ -1,0 +1,247 @@
+"""Our JAX training step against the same GPT in PyTorch, eager and under torch.compile, on the CPU.
+
+From the repository root, with the benchmark extra (`pip install torch==2.13.0`, or `.[bench]`):
+
+    PYTHONPATH=. python benchmarks/compare_pytorch.py                    # nanoGPT's CPU shape and block 128
+    PYTHONPATH=. python benchmarks/compare_pytorch.py --shapes 4,4,128,64,12 --steps 10 --rounds 5 --json cmp.json
+
+A shape is n_layer,n_head,n_embd,block_size,batch_size. For each shape the three steps
+(ours: `parallel.pmap_step` on 1 device; PyTorch eager; PyTorch with `torch.compile(model)`)
+are warmed up, then timed in alternating rounds of `--steps` steps (ours, eager, compiled,
+repeated `--rounds` times) because the machine may be shared; each step time is the median
+over rounds. The first warm-up step is reported separately: it includes compilation.
+
+The PyTorch GPT has our shapes and starts from our weights (copied from the JAX model, so
+both report the same loss on the first batch): pre-LayerNorm blocks, a fused qkv Linear,
+`scaled_dot_product_attention(is_causal=True)`, tanh-GELU, learned position embeddings, an
+output head tied to the token embedding, biases, the vocabulary padded as ours, no dropout,
+float32. Its step: cross-entropy, backward, global-norm clipping to 1.0, AdamW (fused, with
+our betas, eps and weight decay on >= 2-D parameters only; a constant learning rate, where
+ours computes its warmup + cosine schedule on the device: a few scalar operations).
+Batches come from the same DataLoader over synthetic tokens for all three.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+# PyTorch here is the CPU build: keep JAX on the CPU as well, whatever else is installed.
+os.environ["JAX_PLATFORMS"] = "cpu"
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from parallel_gpt import parallel  # noqa: E402
+from parallel_gpt.model import GPT, GPTConfig, pad_vocab  # noqa: E402
+from parallel_gpt.optim import AdamHParams, adam_init  # noqa: E402
+from throughput import CompileCounter, Runner, synthetic_loader  # noqa: E402  (benchmarks/ is on sys.path)
+
+DEFAULT_SHAPES = ("4,4,128,64,12", "4,4,128,128,16")  # nanoGPT's CPU shape (block 64, batch 12), then block 128
+
+
+class TorchAttention(torch.nn.Module):
+    def __init__(self, c: GPTConfig):
+        super().__init__()
+        self.n_head = c.n_head
+        self.c_attn = torch.nn.Linear(c.n_embd, 3 * c.n_embd, bias=c.bias)
+        self.c_proj = torch.nn.Linear(c.n_embd, c.n_embd, bias=c.bias)
+
+    def forward(self, x):
+        B, T, C = x.shape
+        qkv = self.c_attn(x).view(B, T, 3, self.n_head, C // self.n_head)  # (B, T, 3, nh, hs), as ours
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)  # (B, nh, T, hs) each
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, nh, T, hs)
+        return self.c_proj(y.transpose(1, 2).reshape(B, T, C))  # (B, T, C)
+
+
+class TorchMLP(torch.nn.Module):
+    def __init__(self, c: GPTConfig):
+        super().__init__()
+        self.c_fc = torch.nn.Linear(c.n_embd, 4 * c.n_embd, bias=c.bias)
+        self.c_proj = torch.nn.Linear(4 * c.n_embd, c.n_embd, bias=c.bias)
+
+    def forward(self, x):
+        return self.c_proj(F.gelu(self.c_fc(x), approximate="tanh"))
+
+
+class TorchBlock(torch.nn.Module):
+    def __init__(self, c: GPTConfig):
+        super().__init__()
+        self.ln_1 = torch.nn.LayerNorm(c.n_embd, bias=c.bias)
+        self.attn = TorchAttention(c)
+        self.ln_2 = torch.nn.LayerNorm(c.n_embd, bias=c.bias)
+        self.mlp = TorchMLP(c)
+
+    def forward(self, x):
+        x = x + self.attn(self.ln_1(x))
+        return x + self.mlp(self.ln_2(x))
+
+
+class TorchGPT(torch.nn.Module):
+    """Our GPT in PyTorch; parameter names follow our tree paths (h.0.attn.c_attn.weight)."""
+
+    def __init__(self, c: GPTConfig):
+        super().__init__()
+        self.wte = torch.nn.Embedding(c.vocab_size, c.n_embd)
+        self.wpe = torch.nn.Embedding(c.block_size, c.n_embd)
+        self.h = torch.nn.ModuleList(TorchBlock(c) for _ in range(c.n_layer))
+        self.ln_f = torch.nn.LayerNorm(c.n_embd, bias=c.bias)
+
+    def forward(self, idx, targets):
+        T = idx.shape[1]
+        x = self.wte(idx) + self.wpe.weight[:T]  # (B, T, C)
+        for block in self.h:
+            x = block(x)
+        logits = F.linear(self.ln_f(x), self.wte.weight)  # (B, T, vocab): the tied head
+        return F.cross_entropy(logits.view(-1, logits.shape[-1]), targets.view(-1))
+
+    @classmethod
+    def from_jax(cls, model: GPT) -> "TorchGPT":
+        """A copy of `model`; our Linear weights are (in, out), PyTorch's (out, in)."""
+        torch_model = cls(model.config)
+        params = dict(torch_model.named_parameters())
+        with torch.no_grad():
+            for path, leaf in jax.tree_util.tree_flatten_with_path(model)[0]:
+                name = jax.tree_util.keystr(path, simple=True, separator=".")
+                value = torch.from_numpy(np.array(leaf))
+                owner = torch_model.get_submodule(name.rsplit(".", 1)[0])
+                if isinstance(owner, torch.nn.Linear) and name.endswith("weight"):
+                    value = value.T
+                params[name].copy_(value)
+        return torch_model
+
+
+class TorchRunner:
+    """A PyTorch training step with the `run(n) -> seconds` interface of throughput.Runner."""
+
+    def __init__(self, model: TorchGPT, forward, loader, hp: AdamHParams):
+        decay = [p for p in model.parameters() if p.dim() >= 2]
+        no_decay = [p for p in model.parameters() if p.dim() < 2]
+        self.model, self.forward, self.loader, self.hp, self.next_batch = model, forward, loader, hp, 0
+        self.optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": hp.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=hp.learning_rate, betas=(hp.beta1, hp.beta2), eps=hp.eps, fused=True)
+
+    def run(self, n: int) -> float:
+        # PyTorch's CPU operations return when they are done: no device to synchronise.
+        t = time.perf_counter()
+        for i in range(self.next_batch, self.next_batch + n):
+            x, y = (torch.from_numpy(a).long() for a in self.loader.batch(i))  # (B, T) each
+            loss = self.forward(x, y)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.hp.grad_clip)
+            self.optimizer.step()
+        self.next_batch += n
+        return time.perf_counter() - t
+
+
+def parse_shape(text: str) -> tuple[int, ...]:
+    try:
+        shape = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        shape = ()
+    if len(shape) != 5 or min(shape) < 1:
+        raise SystemExit(f"error: shape {text!r}: give five positive integers n_layer,n_head,n_embd,block_size,batch_size")
+    return shape
+
+
+def compare(shape: tuple[int, ...], args) -> dict:
+    """First-step and steady-state figures of the three steps for one shape."""
+    n_layer, n_head, n_embd, block_size, batch_size = shape
+    try:
+        config = GPTConfig(block_size=block_size, vocab_size=pad_vocab(args.vocab_size), n_layer=n_layer,
+                           n_head=n_head, n_embd=n_embd, dropout=0.0)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}")
+    hp = AdamHParams()
+    loader = synthetic_loader(args.vocab_size, block_size, batch_size)
+    mesh = parallel.make_mesh(1)
+    jax_model = GPT.create(config, key=jax.random.key(0))
+    params = jax_model.num_params()
+    eager = TorchGPT.from_jax(jax_model)
+    compiled = TorchGPT.from_jax(jax_model)
+    x, y = loader.batch(0)
+    with torch.no_grad():
+        torch_loss = float(eager(torch.from_numpy(x).long(), torch.from_numpy(y).long()))
+    first_loss = float(jax_model.loss(x, y))
+
+    model = parallel.replicate(jax_model, mesh)  # may share jax_model's buffers, which the step donates
+    runners = {
+        "ours (JAX pmap, 1 device)": Runner(parallel.pmap_step(mesh, hp=hp), model,
+                                            parallel.replicate(adam_init(model), mesh),
+                                            lambda s: tuple(parallel.shard_batch(a, mesh) for a in loader.batch(s))),
+        "PyTorch eager": TorchRunner(eager, eager, loader, hp),
+        "PyTorch torch.compile": TorchRunner(compiled, torch.compile(compiled), loader, hp),
+    }
+    first_step = {name: r.run(1) for name, r in runners.items()}
+    for r in runners.values():
+        r.run(args.warmup)
+    per_step = {name: [] for name in runners}
+    compiles = CompileCounter()
+    for _ in range(args.rounds):
+        for name, r in runners.items():
+            per_step[name].append(r.run(args.steps) / args.steps)
+    if compiles.count:
+        raise RuntimeError(f"{compiles.count} JAX compilation(s) during the timed steps: not steady state")
+
+    tokens = batch_size * block_size
+    results = {name: {"first_step_s": first_step[name], "step_s": statistics.median(t), "step_s_rounds": t,
+                      "tokens_per_s": tokens / statistics.median(t)} for name, t in per_step.items()}
+    ours = results["ours (JAX pmap, 1 device)"]["tokens_per_s"]
+    for r in results.values():
+        r["ours_over_this"] = ours / r["tokens_per_s"]
+    return {"n_layer": n_layer, "n_head": n_head, "n_embd": n_embd, "block_size": block_size,
+            "batch_size": batch_size, "vocab_size": config.vocab_size, "params": params,
+            "first_batch_loss": {"jax": first_loss, "torch": torch_loss}, "results": results}
+
+
+def markdown(report: dict) -> str:
+    lines = [f"CPU, {report['threads']} torch threads, torch {report['torch']}, jax {report['jax']}; "
+             f"{report['rounds']} alternating rounds x {report['steps']} steps after {report['warmup']} warm-up steps",
+             "", "| shape (L, H, C, T, B) | step | first step s (compile) | step ms | tokens/s | ours / this |",
+             "|---|---|---:|---:|---:|---:|"]
+    for s in report["shapes"]:
+        shape = f"{s['n_layer']}, {s['n_head']}, {s['n_embd']}, {s['block_size']}, {s['batch_size']}"
+        for name, r in s["results"].items():
+            lines.append(f"| {shape} | {name} | {r['first_step_s']:.2f} | {1e3 * r['step_s']:.1f} | "
+                         f"{r['tokens_per_s']:,.0f} | {r['ours_over_this']:.2f} |")
+    lines += ["", "Loss on the first batch from the same weights (JAX / PyTorch): " + ", ".join(
+        f"{s['first_batch_loss']['jax']:.4f} / {s['first_batch_loss']['torch']:.4f}" for s in report["shapes"])]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description="Tokens/s of our JAX step against PyTorch eager and torch.compile.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--shapes", nargs="+", default=list(DEFAULT_SHAPES), metavar="L,H,C,T,B",
+                   help="n_layer,n_head,n_embd,block_size,batch_size (several allowed)")
+    p.add_argument("--vocab_size", type=int, default=77, help="padded to a multiple of 64, as in training")
+    p.add_argument("--steps", type=int, default=20, help="timed steps per round and step kind")
+    p.add_argument("--rounds", type=int, default=5, help="alternating rounds; step times are their medians")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps after the first")
+    p.add_argument("--json", metavar="FILE", help="write every figure to FILE")
+    args = p.parse_args(argv)
+    shapes = [parse_shape(s) for s in args.shapes]
+    if min(args.steps, args.rounds) < 1 or args.warmup < 0:
+        raise SystemExit("error: --steps and --rounds must be >= 1, --warmup >= 0")
+    torch.set_num_threads(os.cpu_count())
+    report = {"threads": torch.get_num_threads(), "torch": torch.__version__, "jax": jax.__version__,
+              "steps": args.steps, "rounds": args.rounds, "warmup": args.warmup,
+              "shapes": [compare(shape, args) for shape in shapes]}
+    print(markdown(report))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
