@@ -60,20 +60,17 @@ class TrainConfig:
     remat: bool = False  # jax.checkpoint each block: less activation memory, ~1/3 more compute
 
     def __post_init__(self):
-        positive = ("n_layer", "n_head", "n_embd", "block_size", "batch_size", "max_iters", "eval_interval",
-                    "eval_iters", "log_interval", "ckpt_interval", "grad_accum", "lr_decay_iters",
-                    "keep_checkpoints", "max_nonfinite")
+        try:
+            self.model_config(vocab_size=1)  # the model's own checks: n_embd % n_head, dropout, sizes
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        positive = ("batch_size", "max_iters", "eval_interval", "eval_iters", "log_interval", "ckpt_interval",
+                    "grad_accum", "lr_decay_iters", "keep_checkpoints", "max_nonfinite")
         for key in positive:
             if getattr(self, key) < 1:
                 raise ConfigError(f"{key}={getattr(self, key)} must be a positive integer")
         if self.warmup_iters < 0 or self.sample_tokens < 0:
             raise ConfigError("warmup_iters and sample_tokens must be >= 0")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ConfigError(f"dropout={self.dropout} must be in [0, 1)")
-        if self.n_embd % self.n_head:
-            raise ConfigError(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}: "
-                              f"use n_embd={self.n_embd // self.n_head * self.n_head or self.n_head} "
-                              f"or an n_head that divides {self.n_embd}")
         if self.init_from not in ("auto", "scratch", "resume"):
             raise ConfigError(f"init_from={self.init_from!r}: use auto, scratch or resume")
         if self.dtype not in ("float32", "bfloat16"):
@@ -97,10 +94,12 @@ MODEL_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "bias", "dataset")
 PRESETS: dict[str, dict] = {
     # nanoGPT's config/train_shakespeare_char.py, for accelerators.
     "shakespeare_char": {},
-    # Sized for a 2-core CPU: about 4 minutes to a held-out val loss near 1.7.
-    "cpu": dict(n_layer=4, n_head=4, n_embd=128, block_size=64, batch_size=32, dropout=0.0,
-                learning_rate=2e-3, min_lr=2e-4, warmup_iters=50, max_iters=2000, lr_decay_iters=2000,
-                eval_interval=500, eval_iters=20, log_interval=50, ckpt_interval=1000, sample_tokens=300),
+    # Sized for a 2-core CPU: about 4 minutes to a held-out val loss near 1.69. At this size
+    # (0.8M parameters, ~9k tokens/s) small batches learn more per token: 2200 steps x 16 x 64
+    # = 2.25M tokens reached 1.683 at batch 16 / lr 3e-3, 1.712 at 16 / 2e-3, 1.725 at 32 / 3e-3.
+    "cpu": dict(n_layer=4, n_head=4, n_embd=128, block_size=64, batch_size=16, dropout=0.0,
+                learning_rate=3e-3, min_lr=3e-4, warmup_iters=100, max_iters=2200, lr_decay_iters=2200,
+                eval_interval=1100, eval_iters=50, log_interval=100, ckpt_interval=1100, sample_tokens=300),
     # A few seconds anywhere: smoke tests and trying the pipeline.
     "tiny": dict(n_layer=2, n_head=2, n_embd=32, block_size=32, batch_size=16, dropout=0.0,
                  max_iters=20, lr_decay_iters=20, warmup_iters=2, eval_interval=10, eval_iters=2,

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 DEFAULT_DATASET = "shakespeare"
-# Held out for validation, one play per group: about 10% of the characters.
+# Held out for validation, one play from each of the six groups: about 15% of the characters.
 VAL_PLAYS = ("twelfth-night", "richard-ii", "measure-for-measure", "julius-caesar", "the-tempest", "hamlet")
 FORMAT_VERSION = 1  # bump when the conversion or the cache layout changes
 
