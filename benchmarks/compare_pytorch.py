@@ -4,12 +4,13 @@ From the repository root, with the benchmark extra (`pip install torch==2.13.0`,
 
     PYTHONPATH=. python benchmarks/compare_pytorch.py                    # nanoGPT's CPU shape and block 128
     PYTHONPATH=. python benchmarks/compare_pytorch.py --shapes 4,4,128,64,12 --steps 10 --rounds 5 --json cmp.json
+    PYTHONPATH=. python benchmarks/compare_pytorch.py --no_compile     # eager only: no C++ compiler needed
 
 A shape is n_layer,n_head,n_embd,block_size,batch_size. For each shape the three steps
 (ours: `parallel.pmap_step` on 1 device; PyTorch eager; PyTorch with `torch.compile(model)`)
 are warmed up, then timed in alternating rounds of `--steps` steps (ours, eager, compiled,
 repeated `--rounds` times) because the machine may be shared; each step time is the median
-over rounds. The first warm-up step is reported separately: it includes compilation.
+over rounds. The first step is timed on its own (it includes compilation), before the warm-up.
 
 The PyTorch GPT has our shapes and starts from our weights (copied from the JAX model, so
 both report the same loss on the first batch): pre-LayerNorm blocks, a fused qkv Linear,
@@ -41,7 +42,7 @@ import torch.nn.functional as F  # noqa: E402
 from parallel_gpt import parallel  # noqa: E402
 from parallel_gpt.model import GPT, GPTConfig, pad_vocab  # noqa: E402
 from parallel_gpt.optim import AdamHParams, adam_init  # noqa: E402
-from throughput import CompileCounter, Runner, synthetic_loader  # noqa: E402  (benchmarks/ is on sys.path)
+from throughput import COMPILES, Runner, synthetic_loader  # noqa: E402  (benchmarks/ is on sys.path)
 
 DEFAULT_SHAPES = ("4,4,128,64,12", "4,4,128,128,16")  # nanoGPT's CPU shape (block 64, batch 12), then block 128
 
@@ -166,12 +167,12 @@ def compare(shape: tuple[int, ...], args) -> dict:
     mesh = parallel.make_mesh(1)
     jax_model = GPT.create(config, key=jax.random.key(0))
     params = jax_model.num_params()
-    eager = TorchGPT.from_jax(jax_model)
-    compiled = TorchGPT.from_jax(jax_model)
     x, y = loader.batch(0)
+    first_loss = float(jax.jit(GPT.loss)(jax_model, x, y))  # one compile, not one per operation
+    eager = TorchGPT.from_jax(jax_model)
+    compiled = None if args.no_compile else TorchGPT.from_jax(jax_model)
     with torch.no_grad():
         torch_loss = float(eager(torch.from_numpy(x).long(), torch.from_numpy(y).long()))
-    first_loss = float(jax_model.loss(x, y))
 
     model = parallel.replicate(jax_model, mesh)  # may share jax_model's buffers, which the step donates
     runners = {
@@ -179,18 +180,20 @@ def compare(shape: tuple[int, ...], args) -> dict:
                                             parallel.replicate(adam_init(model), mesh),
                                             lambda s: tuple(parallel.shard_batch(a, mesh) for a in loader.batch(s))),
         "PyTorch eager": TorchRunner(eager, eager, loader, hp),
-        "PyTorch torch.compile": TorchRunner(compiled, torch.compile(compiled), loader, hp),
     }
+    if compiled is not None:
+        runners["PyTorch torch.compile"] = TorchRunner(compiled, torch.compile(compiled), loader, hp)
     first_step = {name: r.run(1) for name, r in runners.items()}
     for r in runners.values():
         r.run(args.warmup)
     per_step = {name: [] for name in runners}
-    compiles = CompileCounter()
+    compiled_before = COMPILES.count
     for _ in range(args.rounds):
         for name, r in runners.items():
             per_step[name].append(r.run(args.steps) / args.steps)
-    if compiles.count:
-        raise RuntimeError(f"{compiles.count} JAX compilation(s) during the timed steps: not steady state")
+    if COMPILES.count > compiled_before:
+        raise RuntimeError(f"{COMPILES.count - compiled_before} JAX compilation(s) during the timed steps: "
+                           f"the step times are not steady state")
 
     tokens = batch_size * block_size
     results = {name: {"first_step_s": first_step[name], "step_s": statistics.median(t), "step_s_rounds": t,
@@ -227,6 +230,8 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=20, help="timed steps per round and step kind")
     p.add_argument("--rounds", type=int, default=5, help="alternating rounds; step times are their medians")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps after the first")
+    p.add_argument("--no_compile", action="store_true",
+                   help="skip torch.compile (it needs a C++ compiler; a first compile takes about a minute on 2 cores)")
     p.add_argument("--json", metavar="FILE", help="write every figure to FILE")
     args = p.parse_args(argv)
     shapes = [parse_shape(s) for s in args.shapes]

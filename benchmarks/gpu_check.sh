@@ -14,7 +14,7 @@
 #         TRAIN_PRESET=tiny SC_DIR=$(mktemp -d)/sc bash benchmarks/gpu_check.sh
 set -u -o pipefail
 
-PYTHON=${PYTHON:-python}
+PYTHON=${PYTHON:-$(command -v python || command -v python3)}
 MODEL_ARGS=${MODEL_ARGS:---n_layer 12 --n_head 12 --n_embd 768 --block_size 1024 --vocab_size 50304}
 BATCH=${BATCH:-32}                       # sequences per device: 32 x 1024 tokens fills a large GPU well
 TRAIN_PRESET=${TRAIN_PRESET:-shakespeare_char}

@@ -2,7 +2,7 @@
 
 From the repository root (`pip install -e .` makes the PYTHONPATH=. unnecessary):
 
-    PYTHONPATH=. python benchmarks/throughput.py                                  # the `cpu` preset's shape, 1 device
+    PYTHONPATH=. python benchmarks/throughput.py                                  # the `cpu` preset's shape and batch, 1 device
     PYTHONPATH=. python benchmarks/throughput.py --sweep both --devices 1,2,4,8 --json scaling.json --plot scaling.png
     PYTHONPATH=. python benchmarks/throughput.py --n_layer 12 --n_head 12 --n_embd 768 --block_size 1024 \\
         --vocab_size 50304 --batch_size 16 --dtype bfloat16 --json gpt2.json  # GPT-2 small, one GPU
@@ -29,8 +29,8 @@ Tokens are synthetic (uniform random ids) but go through the real DataLoader.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
-import math
 import os
 import re
 import statistics
@@ -62,6 +62,9 @@ class CompileCounter:
         self.count += event == BACKEND_COMPILE_EVENT
 
 
+COMPILES = CompileCounter()
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="Throughput, MFU and scaling of the pmapped GPT training step.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -71,12 +74,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--block_size", type=int, default=64)
     p.add_argument("--vocab_size", type=int, default=77,
                    help="tokenizer vocabulary, padded to a multiple of 64 as in training (77: the Shakespeare characters)")
-    p.add_argument("--batch_size", type=int, default=32, help="sequences per device (see the module docstring)")
+    p.add_argument("--batch_size", type=int, default=16, help="sequences per device (see the module docstring)")
     p.add_argument("--steps", type=int, default=20, help="timed steps per round")
     p.add_argument("--rounds", type=int, default=3, help="timed rounds; the step time is their median")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps after compiling")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="activation dtype")
     p.add_argument("--grad_accum", type=int, default=1, help="micro-batches per device per step")
+    p.add_argument("--remat", action="store_true", help="recompute each block's activations in the backward pass")
     p.add_argument("--devices", default="1", help="device counts, comma-separated, e.g. 1,2,4,8")
     p.add_argument("--sweep", choices=("none", "weak", "strong", "both"), default="none",
                    help="weak: fixed batch per device; strong: fixed global batch; none: one device count")
@@ -88,7 +92,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def model_config(args) -> GPTConfig:
     return GPTConfig(block_size=args.block_size, vocab_size=pad_vocab(args.vocab_size), n_layer=args.n_layer,
-                     n_head=args.n_head, n_embd=args.n_embd, dropout=0.0)
+                     n_head=args.n_head, n_embd=args.n_embd, dropout=0.0, remat=args.remat)
 
 
 def synthetic_loader(vocab_size: int, block_size: int, batch_size: int) -> DataLoader:
@@ -105,9 +109,9 @@ def jit_step(hp: AdamHParams, dtype, grad_accum: int):
 
     def one_device_step(model, xb, yb, opt_state):
         # The same loss/gradient code as parallel.step (sequential micro-batches included).
-        loss, grads = parallel._loss_and_grads(model, xb, yb, None, grad_accum, dtype)
-        model, opt_state, metrics = adam_update(model, grads, opt_state, hp)
-        return model, opt_state, {"loss": loss, **metrics}
+        loss, grads = parallel.loss_and_grads(model, xb, yb, None, grad_accum, dtype)
+        model, opt_state, lr = adam_update(model, grads, opt_state, hp)
+        return model, opt_state, {"loss": loss, "lr": lr}
 
     return jax.jit(one_device_step, donate_argnums=(0, 3))
 
@@ -182,12 +186,13 @@ def measure_point(args, n_devices: int, global_batch: int) -> dict:
 
     # Alternate the runners round by round so that load from other processes hits both alike.
     per_step = {name: [] for name in runners}
-    compiles = CompileCounter()
+    compiled_before = COMPILES.count
     for _ in range(args.rounds):
         for name, runner in runners.items():
             per_step[name].append(runner.run(args.steps) / args.steps)
-    if compiles.count:
-        raise RuntimeError(f"{compiles.count} compilation(s) during the timed steps: the step times are not steady state")
+    if COMPILES.count > compiled_before:
+        raise RuntimeError(f"{COMPILES.count - compiled_before} compilation(s) during the timed steps: "
+                           f"the step times are not steady state")
 
     tokens = global_batch * args.block_size
     peak = perf.peak_flops(mesh.devices.flat, args.dtype)
@@ -229,6 +234,10 @@ def plan(args) -> tuple[list[int], list[tuple[int, int]]]:
         model_config(args)
     except ValueError as e:
         raise SystemExit(f"error: {e}")
+    if args.plot and args.sweep == "none":
+        raise SystemExit("error: --plot draws a sweep: add --sweep weak, strong or both")
+    if args.plot and importlib.util.find_spec("matplotlib") is None:
+        raise SystemExit("error: --plot needs matplotlib: pip install matplotlib")
     points = {(n, args.batch_size * n) for n in counts if args.sweep in ("none", "weak", "both")}
     if args.sweep in ("strong", "both"):
         global_batch = args.batch_size * counts[0]
@@ -271,11 +280,12 @@ def _fmt(x, spec: str, scale: float = 1.0, suffix: str = "") -> str:
 
 
 def markdown(report: dict) -> str:
-    first = report["points"][0]
+    first, config = report["points"][0], report["config"]
+    options = (", remat" if config["remat"] else "") + (f", grad_accum {config['grad_accum']}"
+                                                         if config["grad_accum"] > 1 else "")
     lines = [f"{first['params'] / 1e6:.2f}M parameters, {first['flops_per_token'] / 1e6:.1f} MFLOP/token, "
-             f"{report['config']['dtype']}, {first['platform']} ({first['device_kind']}), "
-             f"{report['config']['rounds']} rounds x {report['config']['steps']} steps after "
-             f"{report['config']['warmup']} warm-up steps",
+             f"{config['dtype']}{options}, {first['platform']} ({first['device_kind']}), "
+             f"{config['rounds']} rounds x {config['steps']} steps after {config['warmup']} warm-up steps",
              "",
              "| devices | global batch | compile s | step ms | tokens/s | MFU | peak FLOP/s | peak memory | host batch ms (% of step) |",
              "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
@@ -304,10 +314,8 @@ def markdown(report: dict) -> str:
 
 
 def plot(report: dict, path: str):
-    try:
-        import matplotlib
-    except ImportError:
-        raise SystemExit("error: --plot needs matplotlib: pip install matplotlib")
+    import matplotlib
+
     matplotlib.use("Agg")  # files only, no display
     import matplotlib.pyplot as plt
 
@@ -315,16 +323,17 @@ def plot(report: dict, path: str):
     for kind in ("weak", "strong"):
         rows = report.get(kind)
         if rows:
-            counts = [r["devices"] for r in rows]
-            ax_tok.plot(counts, [r["tokens_per_s"] for r in rows], "o-", label=f"{kind} scaling")
-            ax_eff.plot(counts, [100 * r["efficiency"] for r in rows], "o-", label=f"{kind} scaling")
+            ax_tok.plot([r["devices"] for r in rows], [r["tokens_per_s"] for r in rows], "o-", label=f"{kind} scaling")
+            ax_eff.plot([r["devices"] for r in rows], [100 * r["efficiency"] for r in rows], "o-", label=f"{kind} scaling")
+    counts = sorted({r["devices"] for kind in ("weak", "strong") for r in report.get(kind, [])})
     for ax, label in ((ax_tok, "tokens/s"), (ax_eff, "scaling efficiency (%)")):
         ax.set_xscale("log", base=2)
+        ax.set_xticks(counts, [str(n) for n in counts])
+        ax.set_ylim(bottom=0)
         ax.set_xlabel("devices")
         ax.set_ylabel(label)
         ax.grid(True, alpha=0.3)
         ax.legend()
-    ax_eff.set_ylim(bottom=0)
     first = report["points"][0]
     fig.suptitle(f"{first['params'] / 1e6:.2f}M-parameter GPT, {report['config']['dtype']}, {first['device_kind']}")
     fig.tight_layout()

@@ -1,6 +1,6 @@
 """AdamW written by hand: `adam_i` updates one leaf, `jax.tree.map` applies it to the model.
 
-Contract of `adam_update(model, grads, state, hp)`:
+Contract of `adam_update(model, grads, state, hp, grad_norm=None)`:
   * `grads` has the structure of `model` (float32 leaves); `state` is an `AdamState`
     from `adam_init(model)`; `hp` holds the hyperparameters (an `AdamHParams`).
   * The gradient is first clipped to a global L2 norm of `hp.grad_clip` (0 disables).
@@ -8,8 +8,8 @@ Contract of `adam_update(model, grads, state, hp)`:
   * Moments use the bias-corrected Adam rule; weight decay is decoupled (AdamW:
     p -= lr * wd * p) and applies to leaves with ndim >= 2 only (matmul weights and
     embeddings, not biases or LayerNorm gains).
-  * Returns (new_model, new_state, metrics) with metrics = {"lr", "grad_norm"}; pure,
-    so it runs inside jit/pmap.
+  * `grad_norm`, when the caller has it already, is the global norm of `grads`.
+  * Returns (new_model, new_state, lr): the learning rate used. Pure: it runs inside jit/pmap.
 """
 
 from __future__ import annotations
@@ -77,8 +77,9 @@ def adam_i(param, grad, mu, nu, i, *, lr, beta1, beta2, eps, weight_decay):
     return param, mu, nu
 
 
-def adam_update(model, grads, state: AdamState, hp: AdamHParams):
-    grad_norm = global_norm(grads)
+def adam_update(model, grads, state: AdamState, hp: AdamHParams, grad_norm=None):
+    if grad_norm is None:
+        grad_norm = global_norm(grads)
     if hp.grad_clip > 0:
         scale = jnp.minimum(1.0, hp.grad_clip / (grad_norm + 1e-6))
         grads = jax.tree.map(lambda g: g * scale, grads)
@@ -88,4 +89,4 @@ def adam_update(model, grads, state: AdamState, hp: AdamHParams):
     )
     out = jax.tree.map(update, model, grads, state.mu, state.nu)
     model, mu, nu = jax.tree.transpose(jax.tree.structure(model), jax.tree.structure((0, 0, 0)), out)
-    return model, AdamState(state.count + 1, mu, nu), {"lr": lr, "grad_norm": grad_norm}
+    return model, AdamState(state.count + 1, mu, nu), lr

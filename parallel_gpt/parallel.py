@@ -17,7 +17,7 @@ import numpy as np
 from jax import lax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from parallel_gpt.optim import AdamHParams, adam_update
+from parallel_gpt.optim import AdamHParams, adam_update, global_norm, lr_schedule
 
 AXIS = "batch"
 
@@ -58,7 +58,7 @@ def shard_batch(local_rows: np.ndarray, mesh: Mesh) -> jax.Array:
     return jax.make_array_from_process_local_data(NamedSharding(mesh, P(AXIS)), rows)
 
 
-def _loss_and_grads(model, xb, yb, key, grad_accum: int, dtype):
+def loss_and_grads(model, xb, yb, key, grad_accum: int, dtype):
     """Mean loss and gradient over this device's rows, in `grad_accum` sequential slices."""
     value_and_grad = jax.value_and_grad(lambda m, x, y, k: m.loss(x, y, key=k, dtype=dtype))
     if grad_accum == 1:
@@ -90,13 +90,19 @@ def step(model, xb, yb, opt_state, *, hp: AdamHParams, seed: int = 0, grad_accum
     if model.config.dropout > 0:
         # A pure function of (seed, update count, device): resumed runs draw the same masks.
         key = jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), opt_state.count), lax.axis_index(AXIS))
-    loss, grads = _loss_and_grads(model, xb, yb, key, grad_accum, dtype)
+    loss, grads = loss_and_grads(model, xb, yb, key, grad_accum, dtype)
     loss, grads = lax.pmean((loss, grads), AXIS)
-    new_model, new_state, metrics = adam_update(model, grads, opt_state, hp)
-    finite = jnp.isfinite(loss) & jnp.isfinite(metrics["grad_norm"])
-    keep = lambda new, old: jnp.where(finite, new, old)  # noqa: E731
-    model, opt_state = jax.tree.map(keep, (new_model, new_state), (model, opt_state))
-    return model, opt_state, {"loss": loss, "nonfinite": (~finite).astype(jnp.int32), **metrics}
+    grad_norm = global_norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    # A conditional rather than a select between old and new state: the update then writes
+    # into the donated buffers instead of keeping both copies alive.
+    model, opt_state, lr = lax.cond(
+        finite,
+        lambda: adam_update(model, grads, opt_state, hp, grad_norm=grad_norm),
+        lambda: (model, opt_state, lr_schedule(opt_state.count, hp)),
+    )
+    metrics = {"loss": loss, "grad_norm": grad_norm, "lr": lr, "nonfinite": (~finite).astype(jnp.int32)}
+    return model, opt_state, metrics
 
 
 def eval_step(model, xb, yb, *, dtype=jnp.float32):

@@ -101,6 +101,12 @@ class MetricsLog:
         for k, v in figures.items():
             self.tb.add_scalar(k, v, step)
 
+    def flush(self):
+        """Make every row so far durable (before a checkpoint, so a resume never lacks them)."""
+        if self.active:
+            self.tb.flush()
+            os.fsync(self.file.fileno())
+
     def close(self):
         if self.active:
             self.file.close()
@@ -217,6 +223,7 @@ def train(model: GPT, dataloader: DataLoader, tconf: TrainConfig, *, opt_state: 
                         log.write(step, train_loss=losses["train"], val_loss=losses["val"])
                         print0(f"step {step:>6} | eval: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
                     if do_save:
+                        log.flush()
                         save_checkpoint(tconf, step, model, opt_state, tokenizer)
                     paused += time.perf_counter() - t_pause
                 if signals.requested:

@@ -1,4 +1,4 @@
-"""Strict test settings: 8 simulated CPU devices, set before JAX initialises its backends."""
+"""Test settings: 8 simulated CPU devices, set before JAX initialises its backends."""
 
 import os
 
@@ -8,7 +8,6 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import jax  # noqa: E402
 import pytest  # noqa: E402
 
-jax.config.update("jax_numpy_dtype_promotion", "strict")
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -16,8 +16,8 @@ def test_adamw_step_matches_hand_computation():
     grads = {"w": jnp.array([[0.1, 0.2], [-0.3, 0.4]]), "b": jnp.array([0.05, -0.05])}
     state = adam_init(params)
     # Two updates, so the second uses non-zero moments and t = 2 bias correction.
-    new, state, metrics = adam_update(params, grads, state, HP)
-    new, state, metrics = adam_update(new, grads, state, HP)
+    new, state, lr = adam_update(params, grads, state, HP)
+    new, state, lr = adam_update(new, grads, state, HP)
 
     p = {k: np.asarray(v, np.float64) for k, v in params.items()}
     g = {k: np.asarray(v, np.float64) for k, v in grads.items()}
@@ -39,15 +39,15 @@ def test_adamw_step_matches_hand_computation():
         np.testing.assert_allclose(np.asarray(state.mu[k]), m[k], rtol=1e-6)
         np.testing.assert_allclose(np.asarray(state.nu[k]), v[k], rtol=1e-5)
     assert state.count.dtype == jnp.int32 and int(state.count) == 2
-    assert abs(float(metrics["grad_norm"]) - norm) < 1e-6
+    assert abs(float(global_norm(grads)) - norm) < 1e-6 and float(lr) == pytest.approx(2 * HP.learning_rate / 10)
 
 
 def test_clipping_bounds_the_update_direction():
     params = {"w": jnp.ones((2, 2))}
     big = {"w": jnp.full((2, 2), 100.0)}
     hp = AdamHParams(grad_clip=1.0, weight_decay=0.0)
-    _, state, metrics = adam_update(params, big, adam_init(params), hp)
-    assert float(metrics["grad_norm"]) == pytest.approx(200.0)
+    _, state, _ = adam_update(params, big, adam_init(params), hp)
+    assert float(global_norm(big)) == pytest.approx(200.0)
     assert float(global_norm(state.mu)) == pytest.approx(0.1 * 1.0, rel=1e-5)  # (1 - beta1) * clipped grad
 
 

@@ -15,10 +15,11 @@ HP = AdamHParams(learning_rate=3e-3, min_lr=3e-4, warmup_iters=3, lr_decay_iters
 
 
 def batches(n_steps, batch=16, seed=0):
+    """Random tokens with a learnable target: y = (3x + 1) mod 64."""
     rng = np.random.default_rng(seed)
     for _ in range(n_steps):
-        xy = rng.integers(0, 64, (batch, CFG.block_size + 1)).astype(np.int32)
-        yield xy[:, :-1], xy[:, 1:]
+        x = rng.integers(0, 64, (batch, CFG.block_size)).astype(np.int32)
+        yield x, (3 * x + 1) % 64
 
 
 def run(n_devices, n_steps=20, config=CFG, hp=HP, data=None, **kw):
@@ -72,8 +73,10 @@ def test_gradient_accumulation_equals_one_big_batch():
     m1, _, l1, _ = run(2, n_steps=5)
     m4, _, l4, _ = run(2, n_steps=5, grad_accum=4)
     np.testing.assert_allclose(l1, l4, rtol=1e-5)
+    # Adam divides by sqrt(v): float-rounding differences in near-zero gradients show up at
+    # ~1e-6 in parameters of size ~1e-2.
     for a, b in zip(jax.tree.leaves(m1), jax.tree.leaves(m4)):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
 
 
 def test_dropout_masks_differ_per_device_and_training_stays_finite():

@@ -146,10 +146,10 @@ def test_corrupt_newest_checkpoint_falls_back_to_the_previous(tmp_path, referenc
 def test_nonfinite_updates_are_skipped_then_stop_the_run(tmp_path, reference):
     shutil.copytree(reference, tmp_path, dirs_exist_ok=True)
     before = final_arrays(tmp_path)
-    # Resuming at lr 1e30 (a schedule change is allowed): the first update blows the weights
+    # Resuming at a constant lr of 1e30 (a schedule change is allowed): the first update blows the weights
     # up, every later loss is non-finite, each such update is skipped and counted.
-    result = run_train(tmp_path, "--max_iters=60", "--learning_rate=1e30", "--max_nonfinite=5",
-                       "--ckpt_interval=100")
+    result = run_train(tmp_path, "--max_iters=60", "--learning_rate=1e30", "--decay_lr=false",
+                       "--max_nonfinite=5", "--ckpt_interval=100")
     assert result.returncode == train.EXIT_NONFINITE, result.stderr
     assert result.stderr.strip().splitlines()[-1].startswith("error: 5 consecutive non-finite updates")
     skipped = [r.get("nonfinite_skipped") for s, r in
