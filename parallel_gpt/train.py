@@ -244,7 +244,8 @@ def init_or_resume(tconf: TrainConfig, tokenizer):
     """(model, opt_state or None, start_step): a new model, or the newest valid checkpoint."""
     has_ckpt = bool(checkpoint.checkpoint_dirs(tconf.out_dir))
     config = tconf.model_config(tokenizer.vocab_size)
-    template = GPT.create(config, key=jax.random.key(tconf.seed))
+    # One compiled initialiser instead of a dispatch (and a compile) per weight matrix.
+    template = jax.jit(GPT.create, static_argnums=0)(config, key=jax.random.key(tconf.seed))
     if tconf.init_from == "scratch" or (tconf.init_from == "auto" and not has_ckpt):
         if has_ckpt:
             raise ConfigError(f"out_dir {tconf.out_dir!r} already holds checkpoints: use --init_from=resume "

@@ -198,20 +198,17 @@ def test_unwritable_out_dir_is_refused_before_training(tmp_path, capsys):
 
 
 def test_full_disk_fails_cleanly_and_keeps_earlier_checkpoints(tmp_path, reference):
-    import resource
-    import signal
-
     shutil.copytree(reference, tmp_path, dirs_exist_ok=True)
     before = {p.name: _snapshot(p) for p in checkpoint.checkpoint_dirs(tmp_path)}
 
-    def small_files():  # files may not grow past 64 KiB: the checkpoint write hits "file too large"
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-        resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, 64 * 1024))
-
+    # Files may not grow past 64 KiB, so the checkpoint write fails with "File too large"
+    # (SIGXFSZ ignored: the write returns EFBIG instead of killing the process).
+    small_files = ("import resource, runpy, signal; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
+                   "resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, resource.RLIM_INFINITY)); "
+                   "runpy.run_module('parallel_gpt.train', run_name='__main__')")
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
-    result = subprocess.run([sys.executable, "-m", "parallel_gpt.train", *RUN, f"--out_dir={tmp_path}",
-                             "--max_iters=40"], capture_output=True, text=True, env=env, timeout=300,
-                            preexec_fn=small_files)
+    result = subprocess.run([sys.executable, "-c", small_files, *RUN, f"--out_dir={tmp_path}", "--max_iters=40"],
+                            capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 2, result.stderr
     err = result.stderr.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: cannot write checkpoint") and "untouched" in err[0]
