@@ -71,9 +71,11 @@ class CausalSelfAttention(nn.Module):
         qkv = self.c_attn(x).reshape(B, T, 3, self.n_head, hs)  # (B, T, 3, nh, hs)
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # (B, T, nh, hs) each
         # Dropout is applied to the attention output, not to the attention weights, so the
-        # fused kernel (cuDNN flash attention on GPUs) can be used in training too.
-        y = jax.nn.dot_product_attention(q, k, v, is_causal=True)  # (B, T, nh, hs)
-        y = y.reshape(B, T, C)  # (B, T, C)
+        # fused kernel can be used in training too: cuDNN flash attention on GPUs (it takes
+        # 16-bit inputs only), XLA's implementation elsewhere.
+        fused = jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16)
+        y = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn" if fused else None)
+        y = y.reshape(B, T, C)  # (B, T, nh, hs) -> (B, T, C)
         return self.resid_drop(self.c_proj(y), key=key)
 
 
