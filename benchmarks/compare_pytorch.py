@@ -42,7 +42,7 @@ import torch.nn.functional as F  # noqa: E402
 from parallel_gpt import parallel  # noqa: E402
 from parallel_gpt.model import GPT, GPTConfig, pad_vocab  # noqa: E402
 from parallel_gpt.optim import AdamHParams, adam_init  # noqa: E402
-from throughput import COMPILES, Runner, synthetic_loader  # noqa: E402  (benchmarks/ is on sys.path)
+from throughput import Runner, synthetic_loader, time_alternating  # noqa: E402  (benchmarks/ is on sys.path)
 
 DEFAULT_SHAPES = ("4,4,128,64,12", "4,4,128,128,16")  # nanoGPT's CPU shape (block 64, batch 12), then block 128
 
@@ -186,14 +186,7 @@ def compare(shape: tuple[int, ...], args) -> dict:
     first_step = {name: r.run(1) for name, r in runners.items()}
     for r in runners.values():
         r.run(args.warmup)
-    per_step = {name: [] for name in runners}
-    compiled_before = COMPILES.count
-    for _ in range(args.rounds):
-        for name, r in runners.items():
-            per_step[name].append(r.run(args.steps) / args.steps)
-    if COMPILES.count > compiled_before:
-        raise RuntimeError(f"{COMPILES.count - compiled_before} JAX compilation(s) during the timed steps: "
-                           f"the step times are not steady state")
+    per_step = time_alternating(runners, args.rounds, args.steps)
 
     tokens = batch_size * block_size
     results = {name: {"first_step_s": first_step[name], "step_s": statistics.median(t), "step_s_rounds": t,

@@ -144,6 +144,20 @@ class Runner:
         return elapsed
 
 
+def time_alternating(runners: dict, rounds: int, steps: int) -> dict[str, list[float]]:
+    """{name: seconds per step in each round}. The runners alternate round by round, so that
+    load from other processes hits them all alike; a JAX compilation while timing is an error."""
+    per_step = {name: [] for name in runners}
+    compiled_before = COMPILES.count
+    for _ in range(rounds):
+        for name, runner in runners.items():
+            per_step[name].append(runner.run(steps) / steps)
+    if COMPILES.count > compiled_before:
+        raise RuntimeError(f"{COMPILES.count - compiled_before} JAX compilation(s) during the timed steps: "
+                           f"the step times are not steady state")
+    return per_step
+
+
 def peak_memory_bytes(devices) -> int | None:
     """Largest allocator peak over `devices`; None where the backend keeps no statistics (CPU)."""
     stats = [d.memory_stats() for d in devices]
@@ -184,15 +198,7 @@ def measure_point(args, n_devices: int, global_batch: int) -> dict:
         compile_s["jit"] = runners["jit"].compile()
         runners["jit"].run(args.warmup)
 
-    # Alternate the runners round by round so that load from other processes hits both alike.
-    per_step = {name: [] for name in runners}
-    compiled_before = COMPILES.count
-    for _ in range(args.rounds):
-        for name, runner in runners.items():
-            per_step[name].append(runner.run(args.steps) / args.steps)
-    if COMPILES.count > compiled_before:
-        raise RuntimeError(f"{COMPILES.count - compiled_before} compilation(s) during the timed steps: "
-                           f"the step times are not steady state")
+    per_step = time_alternating(runners, args.rounds, args.steps)
 
     tokens = global_batch * args.block_size
     peak = perf.peak_flops(mesh.devices.flat, args.dtype)
