@@ -124,8 +124,6 @@ def _shakespeare_splits() -> tuple[str, str]:
 
 
 def _file_splits(path: Path) -> tuple[str, str]:
-    if not path.is_file():
-        raise DataError(f"dataset file {str(path)!r} does not exist: pass an existing UTF-8 text file")
     try:
         text = path.read_bytes().decode("utf-8")
     except UnicodeDecodeError as e:
