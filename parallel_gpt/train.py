@@ -262,7 +262,7 @@ def init_or_resume(tconf: TrainConfig, tokenizer):
     if forbidden:
         raise ConfigError("cannot resume: the checkpoint differs in " + ", ".join(
             f"{k} ({meta['config'].get(k)!r} -> {getattr(tconf, k, '...')!r})" for k in forbidden)
-            + f": use the checkpoint's settings or another out_dir")
+            + ": use the checkpoint's settings or another out_dir")
     if allowed:
         print0("resuming with changed settings: " + ", ".join(f"{k} {meta['config'][k]!r} -> {getattr(tconf, k)!r}"
                                                              for k in allowed))
