@@ -12,6 +12,11 @@ are warmed up, then timed in alternating rounds of `--steps` steps (ours, eager,
 repeated `--rounds` times) because the machine may be shared; each step time is the median
 over rounds. The first step is timed on its own (it includes compilation), before the warm-up.
 
+Each framework runs in its own process, as its users run it: ours in this one, set up as
+our entry points set it up (`perf.keep_freed_memory`, a process-wide malloc setting), and
+PyTorch in a worker process with its defaults, which runs its rounds when told to while
+this one waits. Only one of them computes at a time.
+
 The PyTorch GPT has our shapes and starts from our weights (copied from the JAX model, so
 both report the same loss on the first batch): pre-LayerNorm blocks, a fused qkv Linear,
 `scaled_dot_product_attention(is_causal=True)`, tanh-GELU, learned position embeddings, an
@@ -28,7 +33,9 @@ import argparse
 import json
 import os
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 
 # PyTorch here is the CPU build: keep JAX on the CPU as well, whatever else is installed.
@@ -39,7 +46,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from parallel_gpt import parallel  # noqa: E402
+from parallel_gpt import parallel, perf  # noqa: E402
 from parallel_gpt.model import GPT, GPTConfig, pad_vocab  # noqa: E402
 from parallel_gpt.optim import AdamHParams, adam_init  # noqa: E402
 from throughput import Runner, synthetic_loader, time_alternating  # noqa: E402  (benchmarks/ is on sys.path)
@@ -104,19 +111,25 @@ class TorchGPT(torch.nn.Module):
         return F.cross_entropy(logits.view(-1, logits.shape[-1]), targets.view(-1))
 
     @classmethod
-    def from_jax(cls, model: GPT) -> "TorchGPT":
-        """A copy of `model`; our Linear weights are (in, out), PyTorch's (out, in)."""
-        torch_model = cls(model.config)
+    def from_arrays(cls, config: GPTConfig, arrays) -> "TorchGPT":
+        """A model holding `arrays` ({tree path: array}, see `weights`); our Linear weights
+        are (in, out), PyTorch's (out, in)."""
+        torch_model = cls(config)
         params = dict(torch_model.named_parameters())
         with torch.no_grad():
-            for path, leaf in jax.tree_util.tree_flatten_with_path(model)[0]:
-                name = jax.tree_util.keystr(path, simple=True, separator=".")
-                value = torch.from_numpy(np.array(leaf))
+            for name, array in arrays.items():
+                value = torch.from_numpy(np.array(array))
                 owner = torch_model.get_submodule(name.rsplit(".", 1)[0])
                 if isinstance(owner, torch.nn.Linear) and name.endswith("weight"):
                     value = value.T
                 params[name].copy_(value)
         return torch_model
+
+
+def weights(model: GPT) -> dict[str, np.ndarray]:
+    """{tree path as PyTorch names it (h.0.attn.c_attn.weight): array} of a JAX model."""
+    return {jax.tree_util.keystr(path, simple=True, separator="."): np.array(leaf)
+            for path, leaf in jax.tree_util.tree_flatten_with_path(model)[0]}
 
 
 class TorchRunner:
@@ -154,14 +167,58 @@ def parse_shape(text: str) -> tuple[int, ...]:
     return shape
 
 
+def config_of(shape: tuple[int, ...], vocab_size: int) -> GPTConfig:
+    n_layer, n_head, n_embd, block_size, _ = shape
+    try:
+        return GPTConfig(block_size=block_size, vocab_size=pad_vocab(vocab_size), n_layer=n_layer,
+                         n_head=n_head, n_embd=n_embd, dropout=0.0)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}")
+
+
+def torch_worker(args) -> int:
+    """The PyTorch side, in its own process: build its steps from the weights file, report the
+    first-batch loss, then run `<step name> <n>` commands from stdin, answering seconds."""
+    shape = parse_shape(args.shapes[0])
+    config = config_of(shape, args.vocab_size)
+    loader = synthetic_loader(args.vocab_size, config.block_size, shape[-1])
+    with np.load(args.torch_worker, allow_pickle=False) as f:
+        arrays = dict(f)
+    hp = AdamHParams()
+    eager = TorchGPT.from_arrays(config, arrays)
+    runners = {"PyTorch eager": TorchRunner(eager, eager, loader, hp)}
+    if not args.no_compile:
+        compiled = TorchGPT.from_arrays(config, arrays)
+        runners["PyTorch torch.compile"] = TorchRunner(compiled, torch.compile(compiled), loader, hp)
+    x, y = loader.batch(0)
+    with torch.no_grad():
+        loss = float(eager(torch.from_numpy(x).long(), torch.from_numpy(y).long()))
+    print(json.dumps({"loss": loss, "steps": list(runners)}), flush=True)
+    for line in sys.stdin:
+        name, n = line.rsplit(" ", 1)
+        print(runners[name].run(int(n)), flush=True)
+    return 0
+
+
+class RemoteRunner:
+    """One step of the PyTorch worker process, with the `run(n) -> seconds` interface."""
+
+    def __init__(self, worker: subprocess.Popen, name: str):
+        self.worker, self.name = worker, name
+
+    def run(self, n: int) -> float:
+        self.worker.stdin.write(f"{self.name} {n}\n")
+        self.worker.stdin.flush()
+        reply = self.worker.stdout.readline()
+        if not reply:
+            raise SystemExit(f"error: the PyTorch worker stopped (exit code {self.worker.wait()}); see its output above")
+        return float(reply)
+
+
 def compare(shape: tuple[int, ...], args) -> dict:
     """First-step and steady-state figures of the three steps for one shape."""
     n_layer, n_head, n_embd, block_size, batch_size = shape
-    try:
-        config = GPTConfig(block_size=block_size, vocab_size=pad_vocab(args.vocab_size), n_layer=n_layer,
-                           n_head=n_head, n_embd=n_embd, dropout=0.0)
-    except ValueError as e:
-        raise SystemExit(f"error: {e}")
+    config = config_of(shape, args.vocab_size)
     hp = AdamHParams()
     loader = synthetic_loader(args.vocab_size, block_size, batch_size)
     mesh = parallel.make_mesh(1)
@@ -169,24 +226,31 @@ def compare(shape: tuple[int, ...], args) -> dict:
     params = jax_model.num_params()
     x, y = loader.batch(0)
     first_loss = float(jax.jit(GPT.loss)(jax_model, x, y))  # one compile, not one per operation
-    eager = TorchGPT.from_jax(jax_model)
-    compiled = None if args.no_compile else TorchGPT.from_jax(jax_model)
-    with torch.no_grad():
-        torch_loss = float(eager(torch.from_numpy(x).long(), torch.from_numpy(y).long()))
 
-    model = parallel.replicate(jax_model, mesh)  # may share jax_model's buffers, which the step donates
-    runners = {
-        "ours (JAX pmap, 1 device)": Runner(parallel.pmap_step(mesh, hp=hp), model,
-                                            parallel.replicate(adam_init(model), mesh),
-                                            lambda s: tuple(parallel.shard_batch(a, mesh) for a in loader.batch(s))),
-        "PyTorch eager": TorchRunner(eager, eager, loader, hp),
-    }
-    if compiled is not None:
-        runners["PyTorch torch.compile"] = TorchRunner(compiled, torch.compile(compiled), loader, hp)
-    first_step = {name: r.run(1) for name, r in runners.items()}
-    for r in runners.values():
-        r.run(args.warmup)
-    per_step = time_alternating(runners, args.rounds, args.steps)
+    with tempfile.TemporaryDirectory() as tmp:
+        weights_file = os.path.join(tmp, "weights.npz")
+        np.savez(weights_file, **weights(jax_model))
+        cmd = [sys.executable, os.path.abspath(__file__), "--shapes", ",".join(map(str, shape)),
+               "--vocab_size", str(args.vocab_size), "--torch_worker", weights_file]
+        worker = subprocess.Popen(cmd + (["--no_compile"] if args.no_compile else []),
+                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        try:
+            hello = worker.stdout.readline()
+            if not hello:
+                raise SystemExit(f"error: the PyTorch worker failed to start (exit code {worker.wait()})")
+            hello = json.loads(hello)
+            model = parallel.replicate(jax_model, mesh)  # may share jax_model's buffers, which the step donates
+            runners = {"ours (JAX pmap, 1 device)": Runner(
+                parallel.pmap_step(mesh, hp=hp), model, parallel.replicate(adam_init(model), mesh),
+                lambda s: tuple(parallel.shard_batch(a, mesh) for a in loader.batch(s)))}
+            runners.update((name, RemoteRunner(worker, name)) for name in hello["steps"])
+            first_step = {name: r.run(1) for name, r in runners.items()}
+            for r in runners.values():
+                r.run(args.warmup)
+            per_step = time_alternating(runners, args.rounds, args.steps)
+        finally:
+            worker.stdin.close()
+            worker.wait()
 
     tokens = batch_size * block_size
     results = {name: {"first_step_s": first_step[name], "step_s": statistics.median(t), "step_s_rounds": t,
@@ -196,7 +260,7 @@ def compare(shape: tuple[int, ...], args) -> dict:
         r["ours_over_this"] = ours / r["tokens_per_s"]
     return {"n_layer": n_layer, "n_head": n_head, "n_embd": n_embd, "block_size": block_size,
             "batch_size": batch_size, "vocab_size": config.vocab_size, "params": params,
-            "first_batch_loss": {"jax": first_loss, "torch": torch_loss}, "results": results}
+            "first_batch_loss": {"jax": first_loss, "torch": hello["loss"]}, "results": results}
 
 
 def markdown(report: dict) -> str:
@@ -226,11 +290,15 @@ def main(argv=None) -> int:
     p.add_argument("--no_compile", action="store_true",
                    help="skip torch.compile (it needs a C++ compiler; a first compile takes about a minute on 2 cores)")
     p.add_argument("--json", metavar="FILE", help="write every figure to FILE")
+    p.add_argument("--torch_worker", metavar="WEIGHTS.npz", help=argparse.SUPPRESS)  # the worker's job
     args = p.parse_args(argv)
+    torch.set_num_threads(os.cpu_count())
+    if args.torch_worker:
+        return torch_worker(args)
+    perf.keep_freed_memory()  # before JAX starts its CPU threads, as our entry points do
     shapes = [parse_shape(s) for s in args.shapes]
     if min(args.steps, args.rounds) < 1 or args.warmup < 0:
         raise SystemExit("error: --steps and --rounds must be >= 1, --warmup >= 0")
-    torch.set_num_threads(os.cpu_count())
     report = {"threads": torch.get_num_threads(), "torch": torch.__version__, "jax": jax.__version__,
               "steps": args.steps, "rounds": args.rounds, "warmup": args.warmup,
               "shapes": [compare(shape, args) for shape in shapes]}

@@ -350,6 +350,7 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
     if args.point:
+        perf.keep_freed_memory()  # as the training entry point does
         n, global_batch = map(int, args.point.split(","))
         try:
             point = measure_point(args, n, global_batch)

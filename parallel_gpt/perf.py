@@ -1,4 +1,4 @@
-"""Peak FLOP/s and model FLOPs utilisation (MFU).
+"""Peak FLOP/s, model FLOPs utilisation (MFU), and the host allocator setting for CPU runs.
 
 MFU = model FLOPs per token x tokens per second / peak FLOP/s of the devices used.
 Peak figures are dense (no sparsity) per device from vendor data sheets; on a CPU there is
@@ -8,11 +8,38 @@ this host (all its cores together: simulated CPU devices share them).
 
 from __future__ import annotations
 
+import ctypes
 import functools
+import platform
+import sys
 import time
 
 import jax
 import jax.numpy as jnp
+
+# glibc mallopt(3) parameters.
+_M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8
+
+
+def keep_freed_memory() -> bool:
+    """Make glibc's malloc reuse freed memory instead of returning it to the kernel.
+
+    XLA:CPU allocates every buffer of a step anew: tens of megabytes of activations and
+    gradients per step at the shapes we train on a CPU. By default glibc serves such blocks
+    with mmap, or from per-thread heaps that it unmaps once empty, so each step touches
+    fresh pages and the kernel zeroes them in page faults: 4/4/128 block 128 batch 16 spent
+    150 ms of system time in a 315 ms step, and 213 ms with this setting (one heap, no mmap,
+    no trimming below 2 GiB). The memory of the largest step stays with the process.
+    Process-wide, and it must run before JAX starts its CPU threads: the entry points call
+    it first; call it at the top of your own script to get the same. Returns whether it
+    applied (glibc on Linux only; elsewhere it does nothing).
+    """
+    if not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc":
+        return False
+    libc = ctypes.CDLL("libc.so.6")
+    settings = ((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, 2**31 - 1))
+    return all(libc.mallopt(param, value) == 1 for param, value in settings)
+
 
 # Dense peak FLOP/s per device by device_kind substring: (bfloat16, float32).
 # float32 matmuls on NVIDIA GPUs run on tensor cores as TF32 under JAX's default precision.

@@ -283,6 +283,7 @@ def _check_writable(out_dir: str):
 
 
 def main(argv=None) -> int:
+    perf.keep_freed_memory()  # before JAX starts its CPU threads
     argv = sys.argv[1:] if argv is None else argv
     try:
         preset, overrides = parse_overrides(argv)

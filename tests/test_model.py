@@ -3,7 +3,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from parallel_gpt.model import GPT, GPTConfig, cross_entropy, pad_vocab
+from parallel_gpt.model import GPT, GPTConfig, causal_attention_blocks, cross_entropy, pad_vocab
 
 CFG = GPTConfig(block_size=16, vocab_size=64, n_layer=2, n_head=2, n_embd=32)
 
@@ -55,6 +55,20 @@ def test_causality(model):
         changed = model(idx.at[:, t].set((idx[:, t] + 1) % 64))
         np.testing.assert_array_equal(np.asarray(base[:, :t]), np.asarray(changed[:, :t]))
         assert not np.allclose(base[:, t:], changed[:, t:])
+
+
+@pytest.mark.parametrize("T, block", [(10, 4), (12, 4), (3, 4), (70, 64)])
+def test_causal_attention_blocks_match_dot_product_attention(T, block):
+    # Query blocks of `block` rows, the last one shorter when T is not a multiple of it.
+    q, k, v = jax.random.normal(jax.random.key(0), (3, 2, T, 3, 8))  # (B, T, nh, hs) each
+
+    def value_and_grads(attention):
+        return jax.jit(jax.value_and_grad(lambda *qkv: jnp.sum(jnp.sin(attention(*qkv))), (0, 1, 2)))(q, k, v)
+
+    got = value_and_grads(lambda *qkv: causal_attention_blocks(*qkv, block=block))
+    want = value_and_grads(lambda *qkv: jax.nn.dot_product_attention(*qkv, is_causal=True))
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5)
 
 
 def test_gpt2_init(model):
