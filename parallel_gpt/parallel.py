@@ -91,7 +91,8 @@ def step(model, xb, yb, opt_state, *, hp: AdamHParams, seed: int = 0, grad_accum
         # A pure function of (seed, update count, device): resumed runs draw the same masks.
         key = jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), opt_state.count), lax.axis_index(AXIS))
     loss, grads = loss_and_grads(model, xb, yb, key, grad_accum, dtype)
-    loss, grads = lax.pmean((loss, grads), AXIS)
+    if lax.axis_size(AXIS) > 1:  # on one device the mean is the identity, but XLA would still copy every gradient
+        loss, grads = lax.pmean((loss, grads), AXIS)
     grad_norm = global_norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     # A conditional rather than a select between old and new state: the update then writes

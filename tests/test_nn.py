@@ -48,6 +48,32 @@ def test_layernorm_normalises_the_last_axis():
     assert ln(x.astype(jnp.bfloat16)).dtype == jnp.bfloat16
 
 
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_layernorm_gradients_match_autodiff_of_the_formula(bias, dtype):
+    k_x, k_w, k_b, k_dy = jax.random.split(jax.random.key(0), 4)
+    x = (1.0 + 3.0 * jax.random.normal(k_x, (2, 5, 16))).astype(dtype)
+    weight = 1.0 + 0.1 * jax.random.normal(k_w, (16,))
+    b = 0.1 * jax.random.normal(k_b, (16,)) if bias else None
+    probe = jax.random.normal(k_dy, x.shape)  # a loss that weighs every output differently
+
+    def reference(x, weight, b):  # the textbook formula, differentiated by JAX
+        xf = x.astype(jnp.float32)
+        mean = xf.mean(-1, keepdims=True)
+        y = (xf - mean) / jnp.sqrt(jnp.square(xf - mean).mean(-1, keepdims=True) + 1e-5) * weight
+        return (y if b is None else y + b).astype(x.dtype)
+
+    def loss(f):
+        return jax.value_and_grad(lambda *a: jnp.sum(f(*a).astype(jnp.float32) * probe), (0, 1, 2))(x, weight, b)
+
+    (got, got_grads), (want, want_grads) = loss(lambda x, w, b: nn.LayerNorm(w, b)(x)), loss(reference)
+    tol = 1e-5 if dtype == jnp.float32 else 2e-2
+    np.testing.assert_allclose(got, want, rtol=tol)
+    assert got_grads[0].dtype == dtype and (got_grads[2] is None) == (not bias)
+    for g, w in zip(jax.tree.leaves(got_grads), jax.tree.leaves(want_grads)):
+        np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(w, np.float32), rtol=tol, atol=tol)
+
+
 def test_dropout_is_real_and_keyed():
     drop = nn.Dropout(0.25)
     x = jnp.ones((200, 200))
