@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from parallel_gpt import checkpoint, perf
+from parallel_gpt import checkpoint
 from parallel_gpt.config import TrainConfig
 from parallel_gpt.data import CharTokenizer, DataError
 from parallel_gpt.model import GPT
@@ -76,7 +76,6 @@ def load_model(out_dir: str, report=print) -> tuple[GPT, CharTokenizer, dict]:
 
 
 def main(argv=None) -> int:
-    perf.keep_freed_memory()  # before JAX starts its CPU threads
     ap = argparse.ArgumentParser(prog="python -m parallel_gpt.evaluate", description=__doc__)
     ap.add_argument("--prompt", required=True, help="text to continue; every character must be in the vocabulary")
     ap.add_argument("--out_dir", default="out", help="the training run's out_dir (default: out)")

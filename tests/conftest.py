@@ -13,10 +13,6 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.1")
 import jax  # noqa: E402
 import pytest  # noqa: E402
 
-from parallel_gpt import perf  # noqa: E402
-
-perf.keep_freed_memory()  # as the entry points do, before JAX starts its CPU threads
-
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -4,6 +4,7 @@ import importlib.util
 import json
 import math
 import os
+import platform
 import subprocess
 import sys
 import types
@@ -78,6 +79,34 @@ def test_mfu_is_model_flops_over_peak():
     # 6 MFLOP/token x 100k tokens/s = 0.6 TFLOP/s of a 1.2 TFLOP/s peak.
     assert perf.mfu(6e6, 1e5, 1.2e12) == pytest.approx(0.5)
     assert perf.mfu(6e6, 1e5, None) is None
+
+
+KEEP_FREED_PROBE = """
+import ctypes, os, sys
+from parallel_gpt import perf
+applied = perf.keep_freed_memory() if sys.argv[1] == "keep" else False
+libc = ctypes.CDLL("libc.so.6")
+libc.malloc.restype = ctypes.c_void_p
+libc.free.argtypes = [ctypes.c_void_p]
+block = libc.malloc(64 << 20)
+ctypes.memset(block, 1, 64 << 20)  # touch every page
+libc.free(block)
+rss = int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+print(applied, rss >> 20)
+"""
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="a glibc malloc setting")
+def test_keep_freed_memory_keeps_a_freed_block_in_the_process():
+    def probe(mode):
+        out = subprocess.run([sys.executable, "-c", KEEP_FREED_PROBE, mode], env=SMOKE_ENV, capture_output=True,
+                             text=True, check=True).stdout.split()
+        return out[0] == "True", int(out[1])
+
+    (kept_applied, kept_mib), (_, default_mib) = probe("keep"), probe("default")
+    assert kept_applied
+    # By default a 64 MiB block is mmapped and unmapped on free; with the setting it stays.
+    assert kept_mib - default_mib > 48, (kept_mib, default_mib)
 
 
 def test_peak_flops_looks_up_the_device_kind_and_counts_devices():
