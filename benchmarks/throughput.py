@@ -45,7 +45,7 @@ import numpy as np
 from parallel_gpt import parallel, perf
 from parallel_gpt.data import CharTokenizer, Corpus, DataLoader
 from parallel_gpt.model import GPT, GPTConfig, pad_vocab
-from parallel_gpt.optim import AdamHParams, adam_init, adam_update
+from parallel_gpt.optim import AdamHParams, adam_init
 
 SYNTHETIC_TOKENS = 1 << 20  # train split length: 1M random ids, ~2 MB, made in milliseconds
 BACKEND_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"  # recorded by JAX for each XLA compile
@@ -105,13 +105,12 @@ def synthetic_loader(vocab_size: int, block_size: int, batch_size: int) -> DataL
 
 
 def jit_step(hp: AdamHParams, dtype, grad_accum: int):
-    """The training step on one device under plain `jax.jit`: no device axis, no pmean."""
+    """The training step on one device under plain `jax.jit`: `parallel.step` without the
+    device axis (no pmean, no dropout key), the same loss, gradient and update code."""
 
     def one_device_step(model, xb, yb, opt_state):
-        # The same loss/gradient code as parallel.step (sequential micro-batches included).
         loss, grads = parallel.loss_and_grads(model, xb, yb, None, grad_accum, dtype)
-        model, opt_state, lr = adam_update(model, grads, opt_state, hp)
-        return model, opt_state, {"loss": loss, "lr": lr}
+        return parallel.update(model, grads, loss, opt_state, hp)
 
     return jax.jit(one_device_step, donate_argnums=(0, 3))
 

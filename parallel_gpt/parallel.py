@@ -93,6 +93,14 @@ def step(model, xb, yb, opt_state, *, hp: AdamHParams, seed: int = 0, grad_accum
     loss, grads = loss_and_grads(model, xb, yb, key, grad_accum, dtype)
     if lax.axis_size(AXIS) > 1:  # on one device the mean is the identity, but XLA would still copy every gradient
         loss, grads = lax.pmean((loss, grads), AXIS)
+    return update(model, grads, loss, opt_state, hp)
+
+
+def update(model, grads, loss, opt_state, hp: AdamHParams):
+    """AdamW with clipping, skipped when the loss or the gradient norm is not finite.
+
+    Returns (model, opt_state, metrics); the second half of `step`, after the pmean.
+    """
     grad_norm = global_norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     # A conditional rather than a select between old and new state: the update then writes

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import importlib.metadata
+import importlib.util
 import platform
-import sys
 import time
 
 import jax
@@ -35,13 +36,24 @@ def keep_freed_memory() -> bool:
     uses it and sampling does not.
 
     Process-wide, and it only works before JAX starts its CPU threads: call it first thing.
-    Returns whether it applied (glibc on Linux only; elsewhere it does nothing).
+    Returns whether it applied: with glibc, when JAX will compute on the CPU (JAX_PLATFORMS
+    starts with cpu, or no accelerator plugin is installed); elsewhere it does nothing.
     """
-    if not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc":
+    if platform.libc_ver()[0] != "glibc" or not _computes_on_cpu():
         return False
     libc = ctypes.CDLL("libc.so.6")
     settings = ((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, 2**31 - 1))
     return all(libc.mallopt(param, value) == 1 for param, value in settings)
+
+
+def _computes_on_cpu() -> bool:
+    """Whether JAX's default backend will be the CPU, found without initialising a backend."""
+    platforms = jax.config.jax_platforms
+    if platforms:
+        return platforms.split(",")[0].strip() == "cpu"
+    # GPU plugins register under the `jax_plugins` namespace or entry-point group; TPUs need libtpu.
+    return not (importlib.metadata.entry_points(group="jax_plugins")
+                or importlib.util.find_spec("jax_plugins") or importlib.util.find_spec("libtpu"))
 
 
 # Dense peak FLOP/s per device by device_kind substring: (bfloat16, float32).

@@ -98,15 +98,16 @@ print(applied, rss >> 20)
 
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="a glibc malloc setting")
 def test_keep_freed_memory_keeps_a_freed_block_in_the_process():
-    def probe(mode):
-        out = subprocess.run([sys.executable, "-c", KEEP_FREED_PROBE, mode], env=SMOKE_ENV, capture_output=True,
-                             text=True, check=True).stdout.split()
+    def probe(mode, platforms="cpu"):
+        out = subprocess.run([sys.executable, "-c", KEEP_FREED_PROBE, mode], env={**SMOKE_ENV, "JAX_PLATFORMS": platforms},
+                             capture_output=True, text=True, check=True).stdout.split()
         return out[0] == "True", int(out[1])
 
     (kept_applied, kept_mib), (_, default_mib) = probe("keep"), probe("default")
     assert kept_applied
     # By default a 64 MiB block is mmapped and unmapped on free; with the setting it stays.
     assert kept_mib - default_mib > 48, (kept_mib, default_mib)
+    assert probe("keep", platforms="cuda,cpu")[0] is False  # accelerator runs keep glibc's defaults
 
 
 def test_peak_flops_looks_up_the_device_kind_and_counts_devices():
