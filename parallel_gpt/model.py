@@ -72,7 +72,8 @@ class CausalSelfAttention(nn.Module):
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # (B, T, nh, hs) each
         # Dropout is applied to the attention output, not to the attention weights, so the
         # fused kernel can be used in training too: cuDNN flash attention on GPUs (it takes
-        # 16-bit inputs only), XLA's implementation on TPUs, query blocks on CPUs.
+        # 16-bit inputs only), XLA's implementation on TPUs and for float32 on GPUs, query
+        # blocks on CPUs (see causal_attention_blocks).
         backend = jax.default_backend()
         if backend == "cpu":
             y = causal_attention_blocks(q, k, v)
