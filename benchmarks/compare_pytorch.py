@@ -9,8 +9,8 @@ From the repository root, with the benchmark extra (`pip install torch==2.13.0`,
 A shape is n_layer,n_head,n_embd,block_size,batch_size. For each shape the three steps
 (ours: `parallel.pmap_step` on 1 device; PyTorch eager; PyTorch with `torch.compile(model)`)
 are warmed up, then timed in alternating rounds of `--steps` steps (ours, eager, compiled,
-repeated `--rounds` times) because the machine may be shared; each step time is the median
-over rounds. The first step is timed on its own (it includes compilation), before the warm-up.
+`--rounds` times, each round starting one further along that list) because the machine may
+be shared; each step time is the median over rounds. The first step is timed on its own (it includes compilation), before the warm-up.
 
 Each framework runs in its own process, as its users run it: ours in this one, set up as
 our entry points set it up (`perf.keep_freed_memory`, a process-wide malloc setting), and
