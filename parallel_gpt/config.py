@@ -94,10 +94,11 @@ MODEL_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "bias", "dataset")
 PRESETS: dict[str, dict] = {
     # nanoGPT's config/train_shakespeare_char.py, for accelerators.
     "shakespeare_char": {},
-    # Sized for a 2-core CPU: 4m05s wall, held-out val loss 1.714 (measured). At this size
-    # (0.8M parameters, ~8.5k tokens/s) small batches learn more per token; at 2200 steps
-    # (2.25M tokens) batch 16 / lr 3e-3 reached 1.683, 16 / 2e-3 1.712, 32 / 3e-3 1.725 with
-    # half the steps, but took 4m52s: 1800 steps keep a margin under 5 minutes.
+    # Sized for a 2-core CPU: 2m57s wall, held-out val loss 1.713 (measured; 4m05s at ~9k
+    # tokens/s when it was chosen, ~12k now). At this size (0.8M parameters) small batches
+    # learn more per token; at 2200 steps (2.25M tokens) batch 16 / lr 3e-3 reached 1.683,
+    # 16 / 2e-3 1.712, 32 / 3e-3 1.725 with half the steps, but took 4m52s then: 1800 steps
+    # kept a margin under 5 minutes.
     "cpu": dict(n_layer=4, n_head=4, n_embd=128, block_size=64, batch_size=16, dropout=0.0,
                 learning_rate=3e-3, min_lr=3e-4, warmup_iters=100, max_iters=1800, lr_decay_iters=1800,
                 eval_interval=900, eval_iters=50, log_interval=100, ckpt_interval=900, sample_tokens=300),
