@@ -10,7 +10,9 @@ A shape is n_layer,n_head,n_embd,block_size,batch_size. For each shape the three
 (ours: `parallel.pmap_step` on 1 device; PyTorch eager; PyTorch with `torch.compile(model)`)
 are warmed up, then timed in alternating rounds of `--steps` steps (ours, eager, compiled,
 `--rounds` times, each round starting one further along that list) because the machine may
-be shared; each step time is the median over rounds. The first step is timed on its own (it includes compilation), before the warm-up.
+be shared; each step time is the median over rounds, and "ours / this" is the median of
+the per-round ratios, so that a slow spell of the machine that spans a round cancels out.
+The first step is timed on its own (it includes compilation), before the warm-up.
 
 Each framework runs in its own process, as its users run it: ours in this one, set up as
 our entry points set it up (`perf.keep_freed_memory`, a process-wide malloc setting), and
@@ -255,9 +257,9 @@ def compare(shape: tuple[int, ...], args) -> dict:
     tokens = batch_size * block_size
     results = {name: {"first_step_s": first_step[name], "step_s": statistics.median(t), "step_s_rounds": t,
                       "tokens_per_s": tokens / statistics.median(t)} for name, t in per_step.items()}
-    ours = results["ours (JAX pmap, 1 device)"]["tokens_per_s"]
-    for r in results.values():
-        r["ours_over_this"] = ours / r["tokens_per_s"]
+    ours = per_step["ours (JAX pmap, 1 device)"]
+    for name, r in results.items():  # tokens/s ratio = step time ratio, round by round
+        r["ours_over_this"] = statistics.median(theirs / o for theirs, o in zip(per_step[name], ours))
     return {"n_layer": n_layer, "n_head": n_head, "n_embd": n_embd, "block_size": block_size,
             "batch_size": batch_size, "vocab_size": config.vocab_size, "params": params,
             "first_batch_loss": {"jax": first_loss, "torch": hello["loss"]}, "results": results}
@@ -285,7 +287,7 @@ def main(argv=None) -> int:
                    help="n_layer,n_head,n_embd,block_size,batch_size (several allowed)")
     p.add_argument("--vocab_size", type=int, default=77, help="padded to a multiple of 64, as in training")
     p.add_argument("--steps", type=int, default=20, help="timed steps per round and step kind")
-    p.add_argument("--rounds", type=int, default=5, help="alternating rounds; step times are their medians")
+    p.add_argument("--rounds", type=int, default=5, help="alternating rounds; step times and ratios are their medians")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps after the first")
     p.add_argument("--no_compile", action="store_true",
                    help="skip torch.compile (it needs a C++ compiler; a first compile takes about a minute on 2 cores)")
