@@ -18,10 +18,8 @@ import time
 import jax
 import jax.numpy as jnp
 
-# glibc mallopt(3) parameters, and Linux madvise(2)'s advice for transparent huge pages.
+# glibc mallopt(3) parameters.
 _M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8
-_MADV_HUGEPAGE = 14
-_HUGE_PAGE = 2 << 20
 
 
 def keep_freed_memory() -> bool:
@@ -32,13 +30,10 @@ def keep_freed_memory() -> bool:
     mmap, or from per-thread heaps that it unmaps once empty, so each step touches fresh
     pages and the kernel zeroes them in page faults: the forward and backward pass of
     4/4/128 block 128 batch 16 took 263 ms (134 ms of it system time), and 189 ms (14 ms)
-    with this setting: one heap, no mmap, no trimming below 2 GiB. The first GiB of that
-    heap is also backed by transparent huge pages where the kernel allows them (madvise
-    mode, the common default), which took another 3-8% off the training step at that shape
-    (five of five alternating process pairs): 2 MiB pages instead of 4 KiB ones, so fewer
-    TLB misses. The costs: the memory of the largest step stays with the process, and
-    compiling is slower with every thread on one heap (4.4 s -> 5.3 s for that model's
-    training step). So the training entry point uses it and sampling does not.
+    with this setting: one heap, no mmap, no trimming below 2 GiB. The costs: the memory of
+    the largest step stays with the process, and compiling is slower with every thread on
+    one heap (4.4 s -> 5.3 s for that model's training step). So the training entry point
+    uses it and sampling does not.
 
     Process-wide, and it only works before JAX starts its CPU threads: call it first thing.
     Returns whether it applied: with glibc, when JAX will compute on the CPU (JAX_PLATFORMS
@@ -48,28 +43,7 @@ def keep_freed_memory() -> bool:
         return False
     libc = ctypes.CDLL("libc.so.6")
     settings = ((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, 2**31 - 1))
-    if not all(libc.mallopt(param, value) == 1 for param, value in settings):
-        return False
-    _advise_huge_pages(libc, 1 << 30)
-    return True
-
-
-def _advise_huge_pages(libc, size: int) -> None:
-    """Grow the heap by `size` bytes, ask for huge pages on that range, and free it again.
-
-    Without trimming, the freed block stays at the top of the heap, and later allocations
-    are carved from it. Only address space is reserved: pages are resident once touched.
-    """
-    libc.malloc.restype = ctypes.c_void_p
-    libc.malloc.argtypes = [ctypes.c_size_t]
-    libc.free.argtypes = [ctypes.c_void_p]
-    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-    block = libc.malloc(size)
-    if not block:  # the kernel refused the address space: keep 4 KiB pages
-        return
-    start, end = -(-block // _HUGE_PAGE) * _HUGE_PAGE, (block + size) // _HUGE_PAGE * _HUGE_PAGE
-    libc.madvise(start, end - start, _MADV_HUGEPAGE)  # fails harmlessly on kernels without THP
-    libc.free(block)
+    return all(libc.mallopt(param, value) == 1 for param, value in settings)
 
 
 def _computes_on_cpu() -> bool:
