@@ -3,7 +3,7 @@
 From the repository root, with the benchmark extra (`pip install torch==2.13.0`, or `.[bench]`):
 
     PYTHONPATH=. python benchmarks/compare_pytorch.py                    # nanoGPT's CPU shape and block 128
-    PYTHONPATH=. python benchmarks/compare_pytorch.py --shapes 4,4,128,64,12 --steps 10 --rounds 5 --json cmp.json
+    PYTHONPATH=. python benchmarks/compare_pytorch.py --shapes 4,4,128,64,12 --steps 10 --rounds 9 --json cmp.json
     PYTHONPATH=. python benchmarks/compare_pytorch.py --no_compile     # eager only: no C++ compiler needed
 
 A shape is n_layer,n_head,n_embd,block_size,batch_size. For each shape the three steps
@@ -286,8 +286,9 @@ def main(argv=None) -> int:
     p.add_argument("--shapes", nargs="+", default=list(DEFAULT_SHAPES), metavar="L,H,C,T,B",
                    help="n_layer,n_head,n_embd,block_size,batch_size (several allowed)")
     p.add_argument("--vocab_size", type=int, default=77, help="padded to a multiple of 64, as in training")
-    p.add_argument("--steps", type=int, default=20, help="timed steps per round and step kind")
-    p.add_argument("--rounds", type=int, default=5, help="alternating rounds; step times and ratios are their medians")
+    # Many short rounds: the machine's speed drifts, and a ratio is only as good as its round.
+    p.add_argument("--steps", type=int, default=5, help="timed steps per round and step kind")
+    p.add_argument("--rounds", type=int, default=15, help="alternating rounds; step times and ratios are their medians")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps after the first")
     p.add_argument("--no_compile", action="store_true",
                    help="skip torch.compile (it needs a C++ compiler; a first compile takes about a minute on 2 cores)")
