@@ -71,6 +71,22 @@ def test_causal_attention_blocks_match_dot_product_attention(T, block):
         np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("backend", ["gpu", "tpu"])
+def test_accelerator_attention_path_matches_the_cpu_path(model, backend, monkeypatch):
+    # GPUs and TPUs run jax.nn.dot_product_attention (float32 here: the cuDNN kernel is
+    # bfloat16-only and needs a GPU); the CPU runs query blocks. Same loss, same gradients.
+    x, y = jax.random.randint(jax.random.key(2), (2, 2, 16), 0, 64)
+
+    def loss_and_grads():
+        return jax.jit(jax.value_and_grad(lambda m: m.loss(x, y)))(model)  # a new trace each call
+
+    want = loss_and_grads()
+    monkeypatch.setattr(jax, "default_backend", lambda: backend)
+    got = loss_and_grads()
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6)
+
+
 def test_gpt2_init(model):
     std = lambda x: float(jnp.std(x))  # noqa: E731
     assert abs(std(model.wte.weight) - 0.02) < 0.002
