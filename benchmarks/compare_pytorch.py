@@ -51,7 +51,7 @@ import torch.nn.functional as F  # noqa: E402
 from parallel_gpt import parallel, perf  # noqa: E402
 from parallel_gpt.model import GPT, GPTConfig, pad_vocab  # noqa: E402
 from parallel_gpt.optim import AdamHParams, adam_init  # noqa: E402
-from throughput import Runner, synthetic_loader, time_alternating  # noqa: E402  (benchmarks/ is on sys.path)
+from throughput import Runner, median_ratio, synthetic_loader, time_alternating  # noqa: E402  (benchmarks/ is on sys.path)
 
 DEFAULT_SHAPES = ("4,4,128,64,12", "4,4,128,128,16")  # nanoGPT's CPU shape (block 64, batch 12), then block 128
 
@@ -258,8 +258,8 @@ def compare(shape: tuple[int, ...], args) -> dict:
     results = {name: {"first_step_s": first_step[name], "step_s": statistics.median(t), "step_s_rounds": t,
                       "tokens_per_s": tokens / statistics.median(t)} for name, t in per_step.items()}
     ours = per_step["ours (JAX pmap, 1 device)"]
-    for name, r in results.items():  # tokens/s ratio = step time ratio, round by round
-        r["ours_over_this"] = statistics.median(theirs / o for theirs, o in zip(per_step[name], ours))
+    for name, r in results.items():  # ours / this in tokens/s is this / ours in step time
+        r["ours_over_this"] = median_ratio(per_step[name], ours)
     return {"n_layer": n_layer, "n_head": n_head, "n_embd": n_embd, "block_size": block_size,
             "batch_size": batch_size, "vocab_size": config.vocab_size, "params": params,
             "first_batch_loss": {"jax": first_loss, "torch": hello["loss"]}, "results": results}

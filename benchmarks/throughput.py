@@ -160,6 +160,12 @@ def time_alternating(runners: dict, rounds: int, steps: int) -> dict[str, list[f
     return per_step
 
 
+def median_ratio(numerators: list[float], denominators: list[float]) -> float:
+    """Median over rounds of numerator / denominator. Each round's times were taken back to
+    back, so their ratios are steadier than the ratio of the medians when the load drifts."""
+    return statistics.median(n / d for n, d in zip(numerators, denominators, strict=True))
+
+
 def peak_memory_bytes(devices) -> int | None:
     """Largest allocator peak over `devices`; None where the backend keeps no statistics (CPU)."""
     stats = [d.memory_stats() for d in devices]
@@ -219,9 +225,7 @@ def measure_point(args, n_devices: int, global_batch: int) -> dict:
         jit_s = statistics.median(per_step["jit"])
         point["jit"] = {"compile_s": compile_s["jit"], "step_s": jit_s, "step_s_rounds": per_step["jit"],
                         "tokens_per_s": tokens / jit_s,
-                        # Each round's pmap and jit times were taken back to back: their ratios
-                        # are steadier than the ratio of the medians when the load drifts.
-                        "pmap_over_jit": statistics.median([p / j for p, j in zip(per_step["pmap"], per_step["jit"])])}
+                        "pmap_over_jit": median_ratio(per_step["pmap"], per_step["jit"])}
     return point
 
 
