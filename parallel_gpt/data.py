@@ -202,7 +202,8 @@ class DataLoader:
     """Random windows of block_size + 1 tokens; the global batch is a pure function of
     (seed, step), so 1 and N devices, or a resumed run, see exactly the same rows.
 
-    Each process gathers only its own rows: rows [p * B/P, (p+1) * B/P) of the global batch.
+    Each process gathers only its own rows: rows [p * B/P, (p+1) * B/P) of the global batch
+    (`parallel.make_layout` checks that B divides over the processes' devices).
     """
 
     def __init__(self, corpus: Corpus, block_size: int, batch_size: int, seed: int,
@@ -214,8 +215,6 @@ class DataLoader:
                     f"the {split} split of {corpus.name!r} has {n} tokens, fewer than block_size+1={block_size + 1}: "
                     f"use a longer text or a smaller block_size"
                 )
-        if batch_size % process_count:
-            raise DataError(f"batch_size={batch_size} is not divisible by the {process_count} processes")
         self.corpus, self.block_size, self.batch_size, self.seed = corpus, block_size, batch_size, seed
         self.rows = slice(process_index * batch_size // process_count, (process_index + 1) * batch_size // process_count)
 

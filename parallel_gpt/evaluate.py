@@ -10,8 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from parallel_gpt import checkpoint
-from parallel_gpt.config import TrainConfig
+from parallel_gpt import checkpoint, runstate
 from parallel_gpt.data import CharTokenizer, DataError
 from parallel_gpt.model import GPT
 
@@ -62,14 +61,18 @@ def generate(model: GPT, tokenizer: CharTokenizer, prompt: str, max_new_tokens: 
 
 
 def load_model(out_dir: str, report=print) -> tuple[GPT, CharTokenizer, dict]:
-    """The model and tokenizer of the newest valid checkpoint in `out_dir`."""
+    """The model (kernels chosen for JAX's default backend), tokenizer and metadata of the
+    newest valid checkpoint in `out_dir`; CheckpointError (one line) when there is none
+    this version can read."""
     found = checkpoint.load_latest(out_dir, report=report)
     if found is None:
         raise checkpoint.CheckpointError(
             f"no checkpoint in {out_dir!r}: train one first with `python -m parallel_gpt.train --out_dir={out_dir}`")
     arrays, meta = found
-    tokenizer = CharTokenizer.from_json(meta["tokenizer"])
-    config = TrainConfig(**meta["config"]).model_config(tokenizer.vocab_size)
+    where = f"the checkpoint of step {meta.get('step')} in {out_dir!r}"
+    meta = runstate.read_meta(meta, where)
+    tokenizer = runstate.tokenizer(meta, where)
+    config = runstate.model_config(meta, where).for_platform(jax.default_backend())
     template = jax.eval_shape(lambda: GPT.create(config, key=jax.random.key(0)))
     model = checkpoint.unflatten(template, "model", arrays)
     return jax.tree.map(jnp.asarray, model), tokenizer, meta

@@ -8,41 +8,75 @@ write into the residual stream scaled by 1/sqrt(2 * n_layer).
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 
 import jax
 import jax.numpy as jnp
 
-from parallel_gpt import nn
+from parallel_gpt import attention, nn
+
+
+LAYERNORM_BACKWARD = ("auto", "explicit", "autodiff")
 
 
 @dataclasses.dataclass(frozen=True)
 class GPTConfig:
+    """The model: its shape, and the backend choices it computes with.
+
+    Defaults are the model of nanoGPT's shakespeare_char run. `vocab_size` is the
+    tokenizer's vocabulary padded with `pad_vocab`; None until a tokenizer sets it. The
+    backend settings may be "auto": `for_platform` resolves them for the devices the model
+    runs on, and a model is built from a resolved config.
+    """
+
     block_size: int = 256
-    vocab_size: int = 128  # after padding the tokenizer's vocabulary to a multiple of 64
+    vocab_size: int | None = None
     n_layer: int = 6
     n_head: int = 6
     n_embd: int = 384
-    dropout: float = 0.0
+    dropout: float = 0.2
     bias: bool = True
     remat: bool = False  # recompute each block's activations in the backward pass (saves memory)
+    attention: str = "auto"  # see attention.SETTINGS
+    layernorm_backward: str = "auto"  # "explicit" (nn.layer_norm's written-out pass) or "autodiff"
 
     def __post_init__(self):
-        for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd"):
+        for name in ("block_size", "n_layer", "n_head", "n_embd"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be a positive integer")
+        if self.vocab_size is not None and self.vocab_size < 1:
+            raise ValueError(f"vocab_size={self.vocab_size} must be a positive integer")
         if self.n_embd % self.n_head:
             lower = self.n_embd // self.n_head * self.n_head
             raise ValueError(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}: "
                              f"use n_embd={lower or self.n_head} or {lower + self.n_head}, or another n_head")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout={self.dropout} must be in [0, 1)")
+        if self.attention not in attention.SETTINGS:
+            raise ValueError(f"attention={self.attention!r}: use one of {', '.join(attention.SETTINGS)}")
+        if self.layernorm_backward not in LAYERNORM_BACKWARD:
+            raise ValueError(f"layernorm_backward={self.layernorm_backward!r}: use one of {', '.join(LAYERNORM_BACKWARD)}")
+
+    def for_platform(self, platform: str, dtype=jnp.float32) -> "GPTConfig":
+        """This config with its "auto" settings chosen for `platform` ("cpu", "gpu", "tpu")
+        devices computing activations in `dtype`. ValueError for a choice that cannot run there.
+
+        LayerNorm's written-out backward pass made the 4-layer training step 7-9% faster on
+        a CPU; it has not been measured on accelerators, which keep JAX's own derivative.
+        """
+        ln = self.layernorm_backward
+        return dataclasses.replace(
+            self, attention=attention.resolve(self.attention, platform, dtype),
+            layernorm_backward=("explicit" if platform == "cpu" else "autodiff") if ln == "auto" else ln)
 
 
 def pad_vocab(n: int, multiple: int = 64) -> int:
     """Round a vocabulary size up so the output head's matmul has friendly shapes."""
     return -(-n // multiple) * multiple
+
+
+def _layer_norm(config: GPTConfig) -> nn.LayerNorm:
+    return nn.LayerNorm.create(config.n_embd, bias=config.bias, explicit_backward=config.layernorm_backward == "explicit")
 
 
 def _split(key, n):
@@ -54,6 +88,7 @@ class CausalSelfAttention(nn.Module):
     c_proj: nn.Linear
     resid_drop: nn.Dropout
     n_head: int = nn.static()
+    implementation: str = nn.static()  # a resolved `attention` setting
 
     @classmethod
     def create(cls, config: GPTConfig, *, key):
@@ -64,6 +99,7 @@ class CausalSelfAttention(nn.Module):
             nn.Linear.create(C, C, bias=config.bias, std=0.02 / math.sqrt(2 * config.n_layer), key=k_proj),
             nn.Dropout(config.dropout),
             config.n_head,
+            config.attention,
         )
 
     def __call__(self, x, *, key=None):
@@ -71,77 +107,11 @@ class CausalSelfAttention(nn.Module):
         hs = C // self.n_head
         qkv = self.c_attn(x).reshape(B, T, 3, self.n_head, hs)  # (B, T, 3, nh, hs)
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # (B, T, nh, hs) each
-        # Dropout is applied to the attention output, not to the attention weights, so the
-        # fused kernel can be used in training too: cuDNN flash attention on GPUs (it takes
-        # 16-bit inputs only), XLA's implementation on TPUs and for float32 on GPUs, query
-        # blocks on CPUs (see causal_attention_blocks).
-        backend = jax.default_backend()
-        if backend == "cpu":
-            y = causal_attention_blocks(q, k, v)
-        else:
-            fused = backend == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16)
-            y = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn" if fused else None)
+        # Dropout is applied to the attention output, not to the attention weights, so that
+        # fused kernels (cuDNN flash attention) serve training too.
+        y = attention.causal_attention(q, k, v, self.implementation)  # (B, T, nh, hs)
         y = y.reshape(B, T, C)  # (B, T, nh, hs) -> (B, T, C)
         return self.resid_drop(self.c_proj(y), key=key)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def causal_attention_blocks(q, k, v, block: int = 64):
-    """Causal softmax attention, (B, T, nh, hs) -> (B, T, nh, hs), in blocks of `block` queries.
-
-    Query block i attends only to keys 0 .. (i + 1) * block - 1: the score blocks wholly
-    above the diagonal are never computed (a quarter of the work at T = 128, three eighths
-    at T = 256), and XLA:CPU runs the smaller products faster per FLOP. The backward pass
-    is written out so that every product has the (m, k) @ (k, n) layout XLA:CPU is fastest
-    at (transposing the (T, hs) operands, not the (T, T) ones). Forward and backward of 4
-    heads x 32 on 2 cores: T = 128, B = 16 in 10.0-10.7 ms, against 11.4-12.1 ms with the
-    backward left to autodiff and 19.7 ms for `jax.nn.dot_product_attention`.
-    """
-    return _attention_fwd(q, k, v, block)[0]
-
-
-def _query_blocks(T: int, block: int):
-    return [(start, min(start + block, T)) for start in range(0, T, block)]
-
-
-def _attention_fwd(q, k, v, block):
-    T, hs = q.shape[1], q.shape[-1]
-    q, k, v = (jnp.swapaxes(a, 1, 2) for a in (q, k, v))  # (B, nh, T, hs) each
-    kT = jnp.swapaxes(k, 2, 3)  # (B, nh, hs, T)
-    probs, ys = [], []
-    for start, end in _query_blocks(T, block):
-        s = jnp.einsum("bhqd,bhdk->bhqk", q[:, :, start:end], kT[..., :end]) * hs**-0.5  # (B, nh, end - start, end)
-        causal = jnp.arange(start, end)[:, None] >= jnp.arange(end)[None, :]
-        s = jnp.where(causal, s.astype(jnp.float32), -jnp.inf)  # the diagonal keeps every row finite
-        p = jax.nn.softmax(s, axis=-1).astype(v.dtype)
-        probs.append(p)
-        ys.append(jnp.einsum("bhqk,bhkd->bhqd", p, v[:, :, :end]))  # (B, nh, end - start, hs)
-    y = jnp.swapaxes(jnp.concatenate(ys, axis=2), 1, 2)  # (B, T, nh, hs)
-    return y, (q, k, v, tuple(probs))
-
-
-def _attention_bwd(block, residuals, dy):
-    q, k, v, probs = residuals  # (B, nh, T, hs) each, and each block's probabilities
-    B, nh, T, hs = q.shape
-    scale = hs**-0.5
-    dy = jnp.swapaxes(dy, 1, 2)  # (B, T, nh, hs) -> (B, nh, T, hs)
-    dyT, qT, vT = (jnp.swapaxes(a, 2, 3) for a in (dy, q, v))  # (B, nh, hs, T) each
-    dq = []
-    dkT = jnp.zeros((B, nh, hs, T), jnp.float32)
-    dvT = jnp.zeros((B, nh, hs, T), jnp.float32)
-    for (start, end), p in zip(_query_blocks(T, block), probs):
-        dp = jnp.einsum("bhqd,bhdk->bhqk", dy[:, :, start:end], vT[..., :end], preferred_element_type=jnp.float32)
-        ds = p * (dp - jnp.sum(dp * p, axis=-1, keepdims=True))  # softmax backward; masked p are 0
-        ds = ds.astype(q.dtype)  # (B, nh, end - start, end)
-        dq.append(jnp.einsum("bhqk,bhkd->bhqd", ds, k[:, :, :end]) * scale)
-        dkT = dkT.at[..., :end].add(jnp.einsum("bhdq,bhqk->bhdk", qT[..., start:end], ds) * scale)
-        dvT = dvT.at[..., :end].add(jnp.einsum("bhdq,bhqk->bhdk", dyT[..., start:end], p))
-    dq = jnp.swapaxes(jnp.concatenate(dq, axis=2), 1, 2)  # (B, T, nh, hs)
-    dk, dv = (jnp.transpose(a, (0, 3, 1, 2)).astype(q.dtype) for a in (dkT, dvT))  # (B, nh, hs, T) -> (B, T, nh, hs)
-    return dq, dk, dv
-
-
-causal_attention_blocks.defvjp(_attention_fwd, _attention_bwd)
 
 
 class MLP(nn.Module):
@@ -173,9 +143,9 @@ class Block(nn.Module):
     def create(cls, config: GPTConfig, *, key):
         k_attn, k_mlp = jax.random.split(key)
         return cls(
-            nn.LayerNorm.create(config.n_embd, bias=config.bias),
+            _layer_norm(config),
             CausalSelfAttention.create(config, key=k_attn),
-            nn.LayerNorm.create(config.n_embd, bias=config.bias),
+            _layer_norm(config),
             MLP.create(config, key=k_mlp),
         )
 
@@ -195,13 +165,18 @@ class GPT(nn.Module):
 
     @classmethod
     def create(cls, config: GPTConfig, *, key):
+        unresolved = [f"{k}={v!r}" for k, v in (("vocab_size", config.vocab_size), ("attention", config.attention),
+                                                ("layernorm_backward", config.layernorm_backward)) if v in (None, "auto")]
+        if unresolved:
+            raise ValueError(f"GPTConfig has {', '.join(unresolved)}: set vocab_size and build the model from "
+                             f"config.for_platform(platform, dtype)")
         k_wte, k_wpe, *k_blocks = jax.random.split(key, 2 + config.n_layer)
         return cls(
             nn.Embedding.create(config.vocab_size, config.n_embd, key=k_wte),
             nn.Embedding.create(config.block_size, config.n_embd, key=k_wpe),
             nn.Dropout(config.dropout),
             tuple(Block.create(config, key=k) for k in k_blocks),
-            nn.LayerNorm.create(config.n_embd, bias=config.bias),
+            _layer_norm(config),
             config,
         )
 
@@ -215,7 +190,7 @@ class GPT(nn.Module):
         if T > self.config.block_size:
             raise ValueError(f"sequence length {T} exceeds block_size={self.config.block_size}")
         k_drop, *k_blocks = _split(key, 1 + len(self.h))
-        x = self.wte(idx) + self.wpe.weight[:T]  # (B, T, C)
+        x = self.wte(idx) + self.wpe.weight[None, :T]  # (B, T, C)
         x = self.drop(x.astype(dtype), key=k_drop)
         for block, k in zip(self.h, k_blocks):
             x = jax.checkpoint(Block.__call__)(block, x, key=k) if self.config.remat else block(x, key=k)

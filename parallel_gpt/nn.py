@@ -50,7 +50,7 @@ class Linear(Module):
         # 3x faster than the same product with (B, T) batch dimensions.
         y = x.reshape(-1, x.shape[-1]) @ self.weight.astype(x.dtype)  # (B*T, out)
         if self.bias is not None:
-            y = y + self.bias.astype(x.dtype)
+            y = y + self.bias.astype(x.dtype)[None]
         return y.reshape(*x.shape[:-1], y.shape[-1])  # (B, T, out)
 
 
@@ -74,13 +74,17 @@ class LayerNorm(Module):
     weight: jax.Array
     bias: jax.Array | None
     eps: float = static(default=1e-5)
+    explicit_backward: bool = static(default=False)  # `layer_norm`'s written-out backward pass
 
     @classmethod
-    def create(cls, dim: int, *, bias: bool = True):
-        return cls(jnp.ones((dim,), jnp.float32), jnp.zeros((dim,), jnp.float32) if bias else None)
+    def create(cls, dim: int, *, bias: bool = True, explicit_backward: bool = False):
+        return cls(jnp.ones((dim,), jnp.float32), jnp.zeros((dim,), jnp.float32) if bias else None,
+                   explicit_backward=explicit_backward)
 
     def __call__(self, x):
-        return layer_norm(x, self.weight, self.bias, self.eps)
+        if self.explicit_backward:
+            return layer_norm(x, self.weight, self.bias, self.eps)
+        return _layer_norm_fwd(x, self.weight, self.bias, self.eps)[0]  # differentiated by JAX
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
@@ -89,7 +93,7 @@ def layer_norm(x, weight, bias, eps):
 
     The backward pass is written out, dx = rstd * (g - mean(g) - xhat * mean(g * xhat)) with
     g = dy * weight, rather than differentiated through the mean and variance: fewer
-    reductions, and it made the whole 4-layer training step 7-9% faster on a CPU.
+    reductions, and it makes the whole 4-layer training step 7-9% faster on a CPU.
     """
     return _layer_norm_fwd(x, weight, bias, eps)[0]
 
@@ -99,14 +103,14 @@ def _layer_norm_fwd(x, weight, bias, eps):
     centred = xf - xf.mean(-1, keepdims=True)
     rstd = jax.lax.rsqrt(jnp.square(centred).mean(-1, keepdims=True) + eps)
     xhat = centred * rstd
-    y = xhat * weight if bias is None else xhat * weight + bias
+    y = xhat * _last_axis(weight, x) if bias is None else xhat * _last_axis(weight, x) + _last_axis(bias, x)
     return y.astype(x.dtype), (xhat, rstd, weight, bias)
 
 
 def _layer_norm_bwd(eps, residuals, dy):
     xhat, rstd, weight, bias = residuals
     dyf = dy.astype(jnp.float32)  # dy has x's dtype
-    g = dyf * weight
+    g = dyf * _last_axis(weight, dy)
     dx = rstd * (g - g.mean(-1, keepdims=True) - xhat * (g * xhat).mean(-1, keepdims=True))
     leading = tuple(range(dy.ndim - 1))
     dbias = None if bias is None else dyf.sum(leading)
@@ -114,6 +118,11 @@ def _layer_norm_bwd(eps, residuals, dy):
 
 
 layer_norm.defvjp(_layer_norm_fwd, _layer_norm_bwd)
+
+
+def _last_axis(v, x):
+    """A (C,) vector shaped to broadcast along the last axis of `x`: (1, ..., 1, C)."""
+    return v.reshape((1,) * (x.ndim - 1) + v.shape)
 
 
 class Dropout(Module):

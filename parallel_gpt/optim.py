@@ -10,6 +10,9 @@ Contract of `adam_update(model, grads, state, hp, grad_norm=None)`:
     embeddings, not biases or LayerNorm gains).
   * `grad_norm`, when the caller has it already, is the global norm of `grads`.
   * Returns (new_model, new_state, lr): the learning rate used. Pure: it runs inside jit/pmap.
+
+`guarded_update(model, grads, loss, state, hp)` is the same update, skipped when the loss
+or the gradient norm is not finite; it is what the training step calls.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 
 
 class AdamState(NamedTuple):
@@ -41,6 +45,17 @@ class AdamHParams:
     eps: float = 1e-8
     weight_decay: float = 0.1
     grad_clip: float = 1.0
+
+    def __post_init__(self):
+        if self.learning_rate <= 0 or self.min_lr < 0:
+            raise ValueError(f"learning_rate={self.learning_rate} must be > 0 and min_lr={self.min_lr} >= 0")
+        if self.warmup_iters < 0 or self.lr_decay_iters < 1:
+            raise ValueError(f"warmup_iters={self.warmup_iters} must be >= 0 and lr_decay_iters={self.lr_decay_iters} >= 1")
+        if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
+            raise ValueError(f"beta1={self.beta1} and beta2={self.beta2} must be in [0, 1)")
+        if self.eps <= 0 or self.weight_decay < 0 or self.grad_clip < 0:
+            raise ValueError(f"eps={self.eps} must be > 0, weight_decay={self.weight_decay} and "
+                             f"grad_clip={self.grad_clip} >= 0 (grad_clip=0: no clipping)")
 
 
 def adam_init(model) -> AdamState:
@@ -90,3 +105,23 @@ def adam_update(model, grads, state: AdamState, hp: AdamHParams, grad_norm=None)
     out = jax.tree.map(update, model, grads, state.mu, state.nu)
     model, mu, nu = jax.tree.transpose(jax.tree.structure(model), jax.tree.structure((0, 0, 0)), out)
     return model, AdamState(state.count + 1, mu, nu), lr
+
+
+def guarded_update(model, grads, loss, state: AdamState, hp: AdamHParams):
+    """`adam_update`, skipped when `loss` or the gradient norm is not finite.
+
+    Returns (model, state, metrics): a skipped update returns model and state unchanged and
+    metrics["nonfinite"] = 1; metrics also hold the loss, the gradient norm (before
+    clipping) and the learning rate of this update.
+    """
+    grad_norm = global_norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    # A conditional rather than a select between old and new state: the update then writes
+    # into the donated buffers instead of keeping both copies alive.
+    model, state, lr = lax.cond(
+        finite,
+        lambda: adam_update(model, grads, state, hp, grad_norm=grad_norm),
+        lambda: (model, state, lr_schedule(state.count, hp)),
+    )
+    metrics = {"loss": loss, "grad_norm": grad_norm, "lr": lr, "nonfinite": (~finite).astype(jnp.int32)}
+    return model, state, metrics

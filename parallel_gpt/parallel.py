@@ -1,7 +1,7 @@
 """Data parallelism: the per-device `step`, its `jax.pmap` wrapper, and data placement.
 
 `step` is plain per-device code; the device axis appears only in `lax.pmean` (and in
-`lax.axis_index`, so each device draws different dropout masks). Replicated state (model
+`lax.axis_index`, so each device draws different dropout masks: `dropout_key`). Replicated state (model
 and optimizer state) is one `jax.Array` per leaf with sharding `NamedSharding(mesh, P())`,
 passed with `in_axes=None` / `out_axes=None`: no stacked replicas, no per-step gathers.
 Batches are (n_devices, B / n_devices, T) arrays sharded `P(AXIS)` over their first axis.
@@ -17,9 +17,12 @@ import numpy as np
 from jax import lax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from parallel_gpt.optim import AdamHParams, adam_update, global_norm, lr_schedule
+from parallel_gpt.optim import AdamHParams, guarded_update
 
 AXIS = "batch"
+# How dropout keys derive from the seed (`dropout_key`); checkpoints record it, and a
+# resume that would draw different masks is refused.
+RNG_VERSION = 1
 
 
 class ParallelError(ValueError):
@@ -38,11 +41,20 @@ def make_mesh(devices: int | None = None) -> Mesh:
     return Mesh(np.array(chosen), (AXIS,))
 
 
-def check_batch_size(batch_size: int, n_devices: int):
-    if batch_size % n_devices:
-        lower = batch_size // n_devices * n_devices
-        nearest = " or ".join(str(b) for b in (lower, lower + n_devices) if b > 0)
-        raise ParallelError(f"batch_size={batch_size} is not divisible by the {n_devices} devices: use {nearest}")
+def make_layout(batch_size: int, grad_accum: int = 1, devices: int | None = None) -> Mesh:
+    """The mesh for a run (see `make_mesh`), after checking that its global batch divides
+    over the devices and each device's share into `grad_accum` micro-batches. Every
+    process holds the same number of devices, so the batch also divides over processes."""
+    mesh = make_mesh(devices)
+    n = mesh.size
+    if batch_size % n:
+        lower = batch_size // n * n
+        nearest = " or ".join(str(b) for b in (lower, lower + n) if b > 0)
+        raise ParallelError(f"batch_size={batch_size} is not divisible by the {n} devices: use {nearest}")
+    if batch_size // n % grad_accum:
+        raise ParallelError(f"grad_accum={grad_accum} does not divide the per-device batch {batch_size // n} "
+                            f"(batch_size={batch_size} over {n} devices): use a grad_accum that divides it")
+    return mesh
 
 
 def replicate(tree, mesh: Mesh):
@@ -86,32 +98,18 @@ def step(model, xb, yb, opt_state, *, hp: AdamHParams, seed: int = 0, grad_accum
     back unchanged and metrics["nonfinite"] is 1.
     Returns (model, opt_state, metrics); every output is identical on all devices.
     """
-    key = None
-    if model.config.dropout > 0:
-        # A pure function of (seed, update count, device): resumed runs draw the same masks.
-        key = jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), opt_state.count), lax.axis_index(AXIS))
+    key = dropout_key(seed, opt_state.count) if model.config.dropout > 0 else None
     loss, grads = loss_and_grads(model, xb, yb, key, grad_accum, dtype)
     if lax.axis_size(AXIS) > 1:  # on one device the mean is the identity, but XLA would still copy every gradient
         loss, grads = lax.pmean((loss, grads), AXIS)
-    return update(model, grads, loss, opt_state, hp)
+    return guarded_update(model, grads, loss, opt_state, hp)
 
 
-def update(model, grads, loss, opt_state, hp: AdamHParams):
-    """AdamW with clipping, skipped when the loss or the gradient norm is not finite.
-
-    Returns (model, opt_state, metrics); the second half of `step`, after the pmean.
-    """
-    grad_norm = global_norm(grads)
-    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    # A conditional rather than a select between old and new state: the update then writes
-    # into the donated buffers instead of keeping both copies alive.
-    model, opt_state, lr = lax.cond(
-        finite,
-        lambda: adam_update(model, grads, opt_state, hp, grad_norm=grad_norm),
-        lambda: (model, opt_state, lr_schedule(opt_state.count, hp)),
-    )
-    metrics = {"loss": loss, "grad_norm": grad_norm, "lr": lr, "nonfinite": (~finite).astype(jnp.int32)}
-    return model, opt_state, metrics
+def dropout_key(seed: int, count):
+    """This device's dropout key for update `count` (RNG_VERSION 1): a pure function of
+    (seed, update count, device), so a resumed run draws the same masks as an
+    uninterrupted one, and every device draws its own."""
+    return jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), count), lax.axis_index(AXIS))
 
 
 def eval_step(model, xb, yb, *, dtype=jnp.float32):

@@ -1,4 +1,4 @@
-"""Peak FLOP/s, model FLOPs utilisation (MFU), and the host allocator setting for CPU runs.
+"""Peak FLOP/s and model FLOPs utilisation (MFU).
 
 MFU = model FLOPs per token x tokens per second / peak FLOP/s of the devices used.
 Peak figures are dense (no sparsity) per device from vendor data sheets; on a CPU there is
@@ -8,53 +8,11 @@ this host (all its cores together: simulated CPU devices share them).
 
 from __future__ import annotations
 
-import ctypes
 import functools
-import importlib.metadata
-import importlib.util
-import platform
 import time
 
 import jax
 import jax.numpy as jnp
-
-# glibc mallopt(3) parameters.
-_M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8
-
-
-def keep_freed_memory() -> bool:
-    """Make glibc's malloc reuse freed memory instead of returning it to the kernel.
-
-    XLA:CPU allocates the buffers of every step anew: tens of megabytes of activations and
-    gradients at the shapes we train on a CPU. By default glibc serves such blocks with
-    mmap, or from per-thread heaps that it unmaps once empty, so each step touches fresh
-    pages and the kernel zeroes them in page faults: the forward and backward pass of
-    4/4/128 block 128 batch 16 took 263 ms (134 ms of it system time), and 189 ms (14 ms)
-    with this setting: one heap, no mmap, no trimming below 2 GiB. The costs: the memory of
-    the largest step stays with the process, and compiling is slower with every thread on
-    one heap (4.4 s -> 5.3 s for that model's training step). So the training entry point
-    uses it and sampling does not.
-
-    Process-wide, and it only works before JAX starts its CPU threads: call it first thing.
-    Returns whether it applied: with glibc, when JAX will compute on the CPU (JAX_PLATFORMS
-    starts with cpu, or no accelerator plugin is installed); elsewhere it does nothing.
-    """
-    if platform.libc_ver()[0] != "glibc" or not _computes_on_cpu():
-        return False
-    libc = ctypes.CDLL("libc.so.6")
-    settings = ((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, 2**31 - 1))
-    return all(libc.mallopt(param, value) == 1 for param, value in settings)
-
-
-def _computes_on_cpu() -> bool:
-    """Whether JAX's default backend will be the CPU, found without initialising a backend."""
-    platforms = jax.config.jax_platforms
-    if platforms:
-        return platforms.split(",")[0].strip() == "cpu"
-    # GPU plugins register under the `jax_plugins` namespace or entry-point group; TPUs need libtpu.
-    return not (importlib.metadata.entry_points(group="jax_plugins")
-                or importlib.util.find_spec("jax_plugins") or importlib.util.find_spec("libtpu"))
-
 
 # Dense peak FLOP/s per device by device_kind substring: (bfloat16, float32).
 # float32 matmuls on NVIDIA GPUs run on tensor cores as TF32 under JAX's default precision.

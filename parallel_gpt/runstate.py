@@ -1,0 +1,149 @@
+"""A run's state on disk: start or resume, save, and what a checkpoint's metadata says.
+
+A checkpoint's `meta.json` (format 2) describes the model without the trainer:
+
+    {"format": 2, "step": 1000,
+     "model": {GPTConfig fields, vocab_size included},   # enough to rebuild the model
+     "tokenizer": {"type": "char", "chars": "..."},
+     "train": {flat key: value},                          # the run's settings, for resume checks
+     "rng": {"seed": 1337, "version": 1},                 # parallel.RNG_VERSION
+     "data": {"next_step": 1000}, "sha256": {...}}
+
+Format 1 (the run settings under "config", the RNG derivation as a formula) is read too.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+
+from parallel_gpt import checkpoint, parallel
+from parallel_gpt.config import ConfigError, TrainConfig
+from parallel_gpt.data import CharTokenizer
+from parallel_gpt.model import GPT, GPTConfig, pad_vocab
+from parallel_gpt.optim import AdamState, adam_init
+from parallel_gpt.runtime import is_main_process, print0
+
+META_FORMAT = 2
+# Settings a resumed run must share with its checkpoint (the tokenizer's vocabulary too):
+# the model's shape and the data it reads. Everything else may change, and is listed.
+FIXED_ON_RESUME = ("n_layer", "n_head", "n_embd", "block_size", "bias", "dataset")
+
+
+def save_checkpoint(tconf: TrainConfig, step: int, model: GPT, opt_state: AdamState, tokenizer):
+    """Process 0 writes checkpoint `step` of the run (atomically; see checkpoint.save)."""
+    if not is_main_process():
+        return
+    arrays = {**checkpoint.flatten(model, "model"), **checkpoint.flatten(opt_state, "opt")}
+    meta = {"format": META_FORMAT, "model": dataclasses.asdict(model.config), "tokenizer": tokenizer.to_json(),
+            "train": tconf.to_flat(), "rng": {"seed": tconf.seed, "version": parallel.RNG_VERSION},
+            "data": {"next_step": step}}
+    checkpoint.save(tconf.out_dir, step, arrays, meta, keep=tconf.keep_checkpoints)
+
+
+def read_meta(meta: dict, where: str) -> dict:
+    """`meta` in format 2, checked; CheckpointError (one line, naming `where`) otherwise."""
+    fmt = meta.get("format")
+    if fmt == 1 and isinstance(meta.get("config"), dict):
+        meta = _from_format_1(meta)
+    elif fmt != META_FORMAT:
+        raise checkpoint.CheckpointError(f"{where} has metadata format {fmt!r}, this version reads 1 and {META_FORMAT}: "
+                                         f"use the version of parallel_gpt that wrote it")
+    missing = [k for k in ("model", "tokenizer", "train", "rng") if not isinstance(meta.get(k), dict)]
+    if missing:
+        raise checkpoint.CheckpointError(f"{where}: meta.json lacks {', '.join(missing)}: the checkpoint is damaged")
+    return meta
+
+
+def _from_format_1(meta: dict) -> dict:
+    config = meta["config"]
+    model_keys = {f.name for f in dataclasses.fields(GPTConfig)} - {"vocab_size", "attention", "layernorm_backward"}
+    vocab = len(meta.get("tokenizer", {}).get("chars", ""))
+    return {**meta, "format": META_FORMAT, "train": config,
+            "model": {**{k: v for k, v in config.items() if k in model_keys}, "vocab_size": pad_vocab(vocab)},
+            "rng": {"seed": config.get("seed"), "version": 1}}
+
+
+def model_config(meta: dict, where: str) -> GPTConfig:
+    """The GPTConfig a checkpoint was trained with, its kernel settings back to "auto" so
+    that whoever loads it chooses kernels for their own devices."""
+    fields = {f.name for f in dataclasses.fields(GPTConfig)}
+    unknown = sorted(meta["model"].keys() - fields)
+    if unknown:
+        raise checkpoint.CheckpointError(f"{where} has model settings this version does not know "
+                                         f"({', '.join(unknown)}): use the version of parallel_gpt that wrote it")
+    try:
+        config = GPTConfig(**meta["model"])
+    except (TypeError, ValueError) as e:
+        raise checkpoint.CheckpointError(f"{where} has an invalid model config ({e})") from None
+    if config.vocab_size is None:
+        raise checkpoint.CheckpointError(f"{where} has no vocab_size in its model config: the checkpoint is damaged")
+    return dataclasses.replace(config, attention="auto", layernorm_backward="auto")
+
+
+def tokenizer(meta: dict, where: str) -> CharTokenizer:
+    tok = meta["tokenizer"]
+    if tok.get("type") != "char" or not isinstance(tok.get("chars"), str):
+        raise checkpoint.CheckpointError(f"{where} has a tokenizer this version does not know ({tok.get('type')!r})")
+    return CharTokenizer.from_json(tok)
+
+
+def init_or_resume(tconf: TrainConfig, tokenizer: CharTokenizer, platform: str):
+    """(model, opt_state or None, start_step) for `platform` devices: a new model, or the
+    newest valid checkpoint in out_dir, following `init_from`."""
+    has_ckpt = bool(checkpoint.checkpoint_dirs(tconf.out_dir))
+    try:
+        config = tconf.model_config(tokenizer.vocab_size).for_platform(platform, jnp.dtype(tconf.dtype))
+    except ValueError as e:  # a kernel that cannot run on these devices
+        raise ConfigError(str(e)) from None
+    # One compiled initialiser instead of a dispatch (and a compile) per weight matrix.
+    template = jax.jit(GPT.create, static_argnums=0)(config, key=jax.random.key(tconf.seed))
+    if tconf.init_from == "scratch" or (tconf.init_from == "auto" and not has_ckpt):
+        if has_ckpt:
+            raise ConfigError(f"out_dir {tconf.out_dir!r} already holds checkpoints: use --init_from=resume "
+                              f"to continue them or choose another out_dir")
+        return template, None, 0
+    found = checkpoint.load_latest(tconf.out_dir, report=lambda msg: print0(msg, file=sys.stderr))
+    if found is None:
+        raise checkpoint.CheckpointError(f"no valid checkpoint to resume in {tconf.out_dir!r}: "
+                                         f"use --init_from=scratch (in a new out_dir) to start a new run")
+    arrays, meta = found
+    meta = read_meta(meta, f"the checkpoint of step {meta.get('step')} in {tconf.out_dir!r}")
+    check_resume(meta, tconf, tokenizer)
+    model = checkpoint.unflatten(template, "model", arrays)
+    opt_state = checkpoint.unflatten(adam_init(template), "opt", arrays)
+    print0(f"resuming from step {meta['step']} in {tconf.out_dir}")
+    return model, opt_state, int(meta["step"])
+
+
+def check_resume(meta: dict, tconf: TrainConfig, tokenizer: CharTokenizer):
+    """ConfigError listing what forbids resuming `meta`'s run with `tconf`; prints what else changed."""
+    old, new = meta["train"], tconf.to_flat()
+    changed = [k for k, v in new.items() if k in old and old[k] != v]
+    forbidden = [f"{k} ({old[k]!r} -> {new[k]!r})" for k in changed if k in FIXED_ON_RESUME]
+    if meta["tokenizer"] != tokenizer.to_json():
+        forbidden.append("vocabulary")
+    if meta["rng"].get("version") != parallel.RNG_VERSION:
+        forbidden.append(f"dropout RNG derivation (version {meta['rng'].get('version')!r} -> {parallel.RNG_VERSION})")
+    if forbidden:
+        raise ConfigError("cannot resume: the checkpoint differs in " + ", ".join(forbidden)
+                          + ": use the checkpoint's settings or another out_dir")
+    allowed = [k for k in changed if k not in FIXED_ON_RESUME]
+    if allowed:
+        print0("resuming with changed settings: " + ", ".join(f"{k} {old[k]!r} -> {new[k]!r}" for k in allowed))
+
+
+def check_writable(out_dir: str):
+    """CheckpointError, before any training, when out_dir cannot be written."""
+    try:
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        probe = Path(out_dir) / f".write_test_{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise checkpoint.CheckpointError(f"out_dir {out_dir!r} is not writable ({e.strerror}): choose another out_dir")
