@@ -15,7 +15,7 @@ the per-round ratios, so that a slow spell of the machine that spans a round can
 The first step is timed on its own (it includes compilation), before the warm-up.
 
 Each framework runs in its own process, as its users run it: ours in this one, set up as
-our entry points set it up (`perf.keep_freed_memory`, a process-wide malloc setting), and
+our entry points set it up (`runtime.keep_freed_memory`, a process-wide malloc setting), and
 PyTorch in a worker process with its defaults, which runs its rounds when told to while
 this one waits. Only one of them computes at a time.
 
@@ -48,10 +48,10 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from parallel_gpt import parallel, perf  # noqa: E402
-from parallel_gpt.model import GPT, GPTConfig, pad_vocab  # noqa: E402
+from common import Runner, median_ratio, model_config, synthetic_loader, time_alternating  # noqa: E402  (benchmarks/ is on sys.path)
+from parallel_gpt import parallel, runtime  # noqa: E402
+from parallel_gpt.model import GPT, GPTConfig  # noqa: E402
 from parallel_gpt.optim import AdamHParams, adam_init  # noqa: E402
-from throughput import Runner, median_ratio, synthetic_loader, time_alternating  # noqa: E402  (benchmarks/ is on sys.path)
 
 DEFAULT_SHAPES = ("4,4,128,64,12", "4,4,128,128,16")  # nanoGPT's CPU shape (block 64, batch 12), then block 128
 
@@ -135,7 +135,7 @@ def weights(model: GPT) -> dict[str, np.ndarray]:
 
 
 class TorchRunner:
-    """A PyTorch training step with the `run(n) -> seconds` interface of throughput.Runner."""
+    """A PyTorch training step with the `run(n) -> seconds` interface of common.Runner."""
 
     def __init__(self, model: TorchGPT, forward, loader, hp: AdamHParams):
         decay = [p for p in model.parameters() if p.dim() >= 2]
@@ -170,10 +170,11 @@ def parse_shape(text: str) -> tuple[int, ...]:
 
 
 def config_of(shape: tuple[int, ...], vocab_size: int) -> GPTConfig:
+    """The config of `shape` for JAX on the CPU in float32, where this script runs both
+    frameworks; the PyTorch model reads only its shape from it."""
     n_layer, n_head, n_embd, block_size, _ = shape
     try:
-        return GPTConfig(block_size=block_size, vocab_size=pad_vocab(vocab_size), n_layer=n_layer,
-                         n_head=n_head, n_embd=n_embd, dropout=0.0)
+        return model_config(n_layer, n_head, n_embd, block_size, vocab_size, "cpu", "float32")
     except ValueError as e:
         raise SystemExit(f"error: {e}")
 
@@ -298,7 +299,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(os.cpu_count())
     if args.torch_worker:
         return torch_worker(args)
-    perf.keep_freed_memory()  # before JAX starts its CPU threads, as our entry points do
+    runtime.keep_freed_memory()  # before JAX starts its CPU threads, as our entry points do
     shapes = [parse_shape(s) for s in args.shapes]
     if min(args.steps, args.rounds) < 1 or args.warmup < 0:
         raise SystemExit("error: --steps and --rounds must be >= 1, --warmup >= 0")

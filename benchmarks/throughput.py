@@ -18,13 +18,15 @@ then timed for `--rounds` rounds of `--steps` steps, blocking on the results; th
 is the median over rounds. The loop is the training loop's: `parallel.pmap_step` on state
 placed by `parallel.replicate`, and each next batch is made by `DataLoader.batch` and placed
 by `parallel.shard_batch` while the current step runs. On one device the same step under
-plain `jax.jit` (the same loss, gradient and `parallel.update` code without the device axis,
-donated state) is timed in alternating rounds with the pmap step, in the same process, and
-the median of the rounds' time ratios is reported.
+plain `jax.jit` (the same loss, gradient and `optim.guarded_update` code without the device
+axis, donated state) is timed in alternating rounds with the pmap step, in the same process,
+and the median of the rounds' time ratios is reported.
 
 `--batch_size` is the batch per device: the global batch is batch_size x devices, except in
 the strong-scaling sweep, where it stays batch_size x (smallest device count).
-Tokens are synthetic (uniform random ids) but go through the real DataLoader.
+Tokens are synthetic (uniform random ids) but go through the real DataLoader. The model's
+backend settings (attention kernel, LayerNorm backward) are resolved for the devices' platform
+and the activation dtype, as the training entry point resolves them.
 """
 
 from __future__ import annotations
@@ -41,29 +43,11 @@ import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from parallel_gpt import parallel, perf
-from parallel_gpt.data import CharTokenizer, Corpus, DataLoader
-from parallel_gpt.model import GPT, GPTConfig, pad_vocab
+from common import Runner, median_ratio, model_config, synthetic_loader, time_alternating  # benchmarks/ is on sys.path
+from parallel_gpt import optim, parallel, perf, runtime
+from parallel_gpt.model import GPT, GPTConfig
 from parallel_gpt.optim import AdamHParams, adam_init
-
-SYNTHETIC_TOKENS = 1 << 20  # train split length: 1M random ids, ~2 MB, made in milliseconds
-BACKEND_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"  # recorded by JAX for each XLA compile
-
-
-class CompileCounter:
-    """Counts XLA compilations, so that a timed step that recompiles is caught, not reported."""
-
-    def __init__(self):
-        self.count = 0
-        jax.monitoring.register_event_duration_secs_listener(self._on_event)
-
-    def _on_event(self, event, duration, **kwargs):
-        self.count += event == BACKEND_COMPILE_EVENT
-
-
-COMPILES = CompileCounter()
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -91,18 +75,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def model_config(args) -> GPTConfig:
-    return GPTConfig(block_size=args.block_size, vocab_size=pad_vocab(args.vocab_size), n_layer=args.n_layer,
-                     n_head=args.n_head, n_embd=args.n_embd, dropout=0.0, remat=args.remat)
-
-
-def synthetic_loader(vocab_size: int, block_size: int, batch_size: int) -> DataLoader:
-    """The training DataLoader over uniform random token ids of a `vocab_size` vocabulary."""
-    rng = np.random.default_rng(0)
-    train = rng.integers(0, vocab_size, SYNTHETIC_TOKENS, dtype=np.uint16)
-    val = rng.integers(0, vocab_size, block_size + 1, dtype=np.uint16)
-    tokenizer = CharTokenizer("".join(map(chr, range(vocab_size))))  # never used to encode or decode
-    return DataLoader(Corpus(train, val, tokenizer, "synthetic"), block_size, batch_size, seed=0)
+def shape_config(args, platform: str | None) -> GPTConfig:
+    """The model config of the command line's shape for `platform` devices (see `common.model_config`)."""
+    return model_config(args.n_layer, args.n_head, args.n_embd, args.block_size, args.vocab_size,
+                        platform, args.dtype, remat=args.remat)
 
 
 def jit_step(hp: AdamHParams, dtype, grad_accum: int):
@@ -111,59 +87,9 @@ def jit_step(hp: AdamHParams, dtype, grad_accum: int):
 
     def one_device_step(model, xb, yb, opt_state):
         loss, grads = parallel.loss_and_grads(model, xb, yb, None, grad_accum, dtype)
-        return parallel.update(model, grads, loss, opt_state, hp)
+        return optim.guarded_update(model, grads, loss, opt_state, hp)
 
     return jax.jit(one_device_step, donate_argnums=(0, 3))
-
-
-class Runner:
-    """One compiled step with its own state; batches are numbered on from where it stopped."""
-
-    def __init__(self, step_fn, model, opt_state, place):
-        self.step_fn, self.state, self.place, self.next_batch = step_fn, (model, opt_state), place, 0
-
-    def compile(self) -> float:
-        """Seconds to trace, lower and compile the step ahead of time."""
-        model, opt_state = self.state
-        t = time.perf_counter()
-        self.step_fn.lower(model, *self.place(0), opt_state).compile()
-        return time.perf_counter() - t
-
-    def run(self, n: int) -> float:
-        """Wall seconds of `n` steps, each next batch made and placed while the step runs."""
-        batch = self.place(self.next_batch)
-        jax.block_until_ready((self.state, batch))
-        t = time.perf_counter()
-        for i in range(self.next_batch, self.next_batch + n):
-            model, opt_state, _ = self.step_fn(self.state[0], *batch, self.state[1])
-            self.state = (model, opt_state)
-            batch = self.place(i + 1)
-        jax.block_until_ready(self.state)
-        elapsed = time.perf_counter() - t
-        self.next_batch += n
-        return elapsed
-
-
-def time_alternating(runners: dict, rounds: int, steps: int) -> dict[str, list[float]]:
-    """{name: seconds per step in each round}. The runners alternate round by round, so that
-    load from other processes hits them all alike, and each round starts with the next
-    runner, so that none is always first; a JAX compilation while timing is an error."""
-    per_step = {name: [] for name in runners}
-    names = list(runners)
-    compiled_before = COMPILES.count
-    for r in range(rounds):
-        for name in names[r % len(names):] + names[:r % len(names)]:
-            per_step[name].append(runners[name].run(steps) / steps)
-    if COMPILES.count > compiled_before:
-        raise RuntimeError(f"{COMPILES.count - compiled_before} JAX compilation(s) during the timed steps: "
-                           f"the step times are not steady state")
-    return per_step
-
-
-def median_ratio(numerators: list[float], denominators: list[float]) -> float:
-    """Median over rounds of numerator / denominator. Each round's times were taken back to
-    back, so their ratios are steadier than the ratio of the medians when the load drifts."""
-    return statistics.median(n / d for n, d in zip(numerators, denominators, strict=True))
 
 
 def peak_memory_bytes(devices) -> int | None:
@@ -176,8 +102,9 @@ def peak_memory_bytes(devices) -> int | None:
 
 def measure_point(args, n_devices: int, global_batch: int) -> dict:
     """All figures of one (device count, global batch) point, in this process."""
-    config, dtype, hp = model_config(args), jnp.dtype(args.dtype), AdamHParams()
-    mesh = parallel.make_mesh(n_devices)
+    dtype, hp = jnp.dtype(args.dtype), AdamHParams()
+    mesh = parallel.make_layout(global_batch, args.grad_accum, n_devices)
+    config = shape_config(args, mesh.devices.flat[0].platform)
     loader = synthetic_loader(args.vocab_size, args.block_size, global_batch)
     # A fresh model per runner: donation deletes the buffers a runner was given.
     fresh = lambda: GPT.create(config, key=jax.random.key(0))  # noqa: E731
@@ -246,7 +173,7 @@ def plan(args) -> tuple[list[int], list[tuple[int, int]]]:
         if getattr(args, name) < 1:
             raise SystemExit(f"error: --{name} must be >= 1")
     try:
-        model_config(args)
+        shape_config(args, None)  # the devices are the subprocesses' to choose
     except ValueError as e:
         raise SystemExit(f"error: {e}")
     if args.plot and args.sweep == "none":
@@ -359,7 +286,7 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
     if args.point:
-        perf.keep_freed_memory()  # as the training entry point does
+        runtime.keep_freed_memory()  # as the training entry point does
         n, global_batch = map(int, args.point.split(","))
         try:
             point = measure_point(args, n, global_batch)

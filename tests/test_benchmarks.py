@@ -1,18 +1,15 @@
-"""Smoke tests of benchmarks/ (figures present and sane, never how fast) and the MFU arithmetic."""
+"""Smoke tests of benchmarks/: figures present and sane, never how fast."""
 
 import importlib.util
 import json
 import math
 import os
-import platform
 import subprocess
 import sys
-import types
 from pathlib import Path
 
 import pytest
 
-from parallel_gpt import perf
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "benchmarks"
@@ -58,6 +55,53 @@ def test_throughput_weak_sweep_reports_every_figure(tmp_path):
     assert "strong" not in report
 
 
+def test_model_config_pads_the_vocabulary_and_resolves_the_backends_for_the_devices(bench_modules):
+    from common import model_config
+
+    cpu = model_config(1, 2, 32, 16, 77, "cpu", "float32")
+    assert (cpu.n_layer, cpu.n_head, cpu.n_embd, cpu.block_size) == (1, 2, 32, 16)
+    assert (cpu.vocab_size, cpu.dropout, cpu.remat) == (128, 0.0, False)
+    assert (cpu.attention, cpu.layernorm_backward) == ("cpu_blocks", "explicit")
+    gpu = model_config(1, 2, 32, 16, 77, "gpu", "bfloat16", remat=True)
+    assert (gpu.attention, gpu.layernorm_backward, gpu.remat) == ("cudnn", "autodiff", True)
+    unresolved = model_config(1, 2, 32, 16, 77, None, "float32")  # a shape check, before any device is chosen
+    assert (unresolved.attention, unresolved.layernorm_backward) == ("auto", "auto")
+    with pytest.raises(ValueError, match="n_embd=30 is not divisible by n_head=4"):
+        model_config(1, 4, 30, 16, 77, None, "float32")
+
+
+def test_time_alternating_rotates_the_first_runner_and_refuses_a_compile_while_timing(bench_modules):
+    import jax
+    from common import time_alternating
+
+    order = []
+
+    class Fake:
+        def __init__(self, name, compiles=False):
+            self.name, self.compiles = name, compiles
+
+        def run(self, n):
+            order.append(self.name)
+            if self.compiles:
+                jax.jit(lambda x: x + 1)(1.0)  # a new function: traced and compiled anew
+            return 2.0 * n
+
+    per_step = time_alternating({"a": Fake("a"), "b": Fake("b"), "c": Fake("c")}, rounds=3, steps=4)
+    assert order == ["a", "b", "c", "b", "c", "a", "c", "a", "b"]
+    assert per_step == {"a": [2.0] * 3, "b": [2.0] * 3, "c": [2.0] * 3}
+    with pytest.raises(RuntimeError, match="1 JAX compilation"):
+        time_alternating({"a": Fake("a", compiles=True)}, rounds=1, steps=1)
+
+
+def test_median_ratio_is_the_median_of_the_rounds_ratios(bench_modules):
+    from common import median_ratio
+
+    # Ratios 1, 0.5 and 3: median 1, where the ratio of the medians would be 2 / 1.
+    assert median_ratio([1.0, 2.0, 3.0], [1.0, 4.0, 1.0]) == 1.0
+    with pytest.raises(ValueError):
+        median_ratio([1.0], [1.0, 2.0])
+
+
 def test_scaling_efficiency_is_throughput_per_device_relative_to_the_base(bench_modules):
     import throughput
 
@@ -73,50 +117,6 @@ def test_strong_sweep_rejects_a_global_batch_the_devices_do_not_divide(bench_mod
     args = throughput.parse_args([*TINY, "--batch_size", "6", "--devices", "1,4", "--sweep", "strong"])
     with pytest.raises(SystemExit, match="global batch 6"):
         throughput.plan(args)
-
-
-def test_mfu_is_model_flops_over_peak():
-    # 6 MFLOP/token x 100k tokens/s = 0.6 TFLOP/s of a 1.2 TFLOP/s peak.
-    assert perf.mfu(6e6, 1e5, 1.2e12) == pytest.approx(0.5)
-    assert perf.mfu(6e6, 1e5, None) is None
-
-
-KEEP_FREED_PROBE = """
-import ctypes, os, sys
-from parallel_gpt import perf
-applied = perf.keep_freed_memory() if sys.argv[1] == "keep" else False
-libc = ctypes.CDLL("libc.so.6")
-libc.malloc.restype = ctypes.c_void_p
-libc.free.argtypes = [ctypes.c_void_p]
-block = libc.malloc(64 << 20)
-ctypes.memset(block, 1, 64 << 20)  # touch every page
-libc.free(block)
-rss = int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-print(applied, rss >> 20)
-"""
-
-
-@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="a glibc malloc setting")
-def test_keep_freed_memory_keeps_a_freed_block_in_the_process():
-    def probe(mode, platforms="cpu"):
-        out = subprocess.run([sys.executable, "-c", KEEP_FREED_PROBE, mode], env={**SMOKE_ENV, "JAX_PLATFORMS": platforms},
-                             capture_output=True, text=True, check=True).stdout.split()
-        return out[0] == "True", int(out[1])
-
-    (kept_applied, kept_mib), (_, default_mib) = probe("keep"), probe("default")
-    assert kept_applied
-    # By default a 64 MiB block is mmapped and unmapped on free; with the setting it stays.
-    assert kept_mib - default_mib > 48, (kept_mib, default_mib)
-    assert probe("keep", platforms="cuda,cpu")[0] is False  # accelerator runs keep glibc's defaults
-
-
-def test_peak_flops_looks_up_the_device_kind_and_counts_devices():
-    h100 = types.SimpleNamespace(platform="gpu", device_kind="NVIDIA H100 80GB HBM3")
-    assert perf.peak_flops([h100], "bfloat16") == 989e12
-    assert perf.peak_flops([h100] * 8, "bfloat16") == 8 * 989e12
-    assert perf.peak_flops([h100], "float32") == 494e12
-    unknown = types.SimpleNamespace(platform="gpu", device_kind="Some Future GPU")
-    assert perf.peak_flops([unknown], "bfloat16") is None
 
 
 # find_spec, not importorskip: importing torch here would cost seconds and the script imports it anyway.

@@ -1,3 +1,4 @@
+import dataclasses
 import json
 import resource
 import signal
@@ -10,7 +11,7 @@ from parallel_gpt import checkpoint
 from parallel_gpt.model import GPT, GPTConfig
 from parallel_gpt.optim import adam_init, adam_update, AdamHParams
 
-CFG = GPTConfig(block_size=8, vocab_size=64, n_layer=1, n_head=2, n_embd=16)
+CFG = GPTConfig(block_size=8, vocab_size=64, n_layer=1, n_head=2, n_embd=16).for_platform("cpu")
 
 
 def _state():
@@ -100,6 +101,6 @@ def test_shape_mismatch_is_named(tmp_path):
     model, opt = _state()
     _save(tmp_path, 1, model, opt)
     arrays, _ = checkpoint.load_latest(tmp_path)
-    other = GPT.create(GPTConfig(block_size=8, vocab_size=64, n_layer=1, n_head=2, n_embd=32), key=jax.random.key(0))
+    other = GPT.create(dataclasses.replace(CFG, n_embd=32), key=jax.random.key(0))
     with pytest.raises(checkpoint.CheckpointError, match="model/wte/weight"):
         checkpoint.unflatten(other, "model", arrays)

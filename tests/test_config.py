@@ -1,6 +1,11 @@
 import pytest
 
-from parallel_gpt.config import PRESETS, ConfigError, TrainConfig, default_preset, make_config, parse_overrides
+import dataclasses
+
+from parallel_gpt.config import (FLAT_KEYS, PRESETS, ConfigError, TrainConfig, default_preset, make_config,
+                                 parse_overrides)
+from parallel_gpt.model import GPTConfig
+from parallel_gpt.optim import AdamHParams
 
 
 def test_overrides_are_typed():
@@ -11,7 +16,29 @@ def test_overrides_are_typed():
                   "out_dir": "runs/a"}
     assert isinstance(kv["dropout"], float)
     cfg = make_config(preset, kv)
-    assert cfg.n_layer == PRESETS["tiny"]["n_layer"] and cfg.batch_size == 32
+    assert cfg.model.n_layer == PRESETS["tiny"]["n_layer"] and cfg.batch_size == 32
+    assert cfg.optim.learning_rate == 3e-4 and cfg.model.bias is False
+
+
+def test_a_bare_boolean_flag_means_true():
+    assert parse_overrides(["--remat"]) == (None, {"remat": True})
+    assert parse_overrides(["--remat", "--decay_lr", "--max_iters=3"]) == (None, {"remat": True, "decay_lr": True,
+                                                                                  "max_iters": 3})
+    assert parse_overrides(["--remat", "false"]) == (None, {"remat": False})
+
+
+def test_every_setting_is_declared_once_and_reachable_by_its_flat_name():
+    model_fields = {f.name for f in dataclasses.fields(GPTConfig)} - {"vocab_size"}
+    optim_fields = {f.name for f in dataclasses.fields(AdamHParams)}
+    assert {k for k, g in FLAT_KEYS.items() if g == "model"} == model_fields
+    assert {k for k, g in FLAT_KEYS.items() if g == "optim"} == optim_fields
+    cfg = make_config("tiny", {"eps": 1e-6, "attention": "xla", "layernorm_backward": "autodiff", "beta1": 0.8})
+    assert cfg.optim.eps == 1e-6 and cfg.optim.beta1 == 0.8
+    assert (cfg.model.attention, cfg.model.layernorm_backward) == ("xla", "autodiff")
+    assert TrainConfig.from_flat(cfg.to_flat()) == cfg
+    # The defaults are the model's and the optimizer's own: nothing is declared twice.
+    assert TrainConfig().model == GPTConfig() and TrainConfig().optim == AdamHParams()
+    assert cfg.model_config(65).vocab_size == 128
 
 
 @pytest.mark.parametrize("args, message", [
@@ -34,6 +61,9 @@ def test_bad_overrides_name_the_key(args, message):
     ({"dropout": 1.0}, "dropout=1.0 must be in"),
     ({"dtype": "float16"}, "dtype='float16'"),
     ({"init_from": "gpt2"}, "init_from='gpt2'"),
+    ({"attention": "flash"}, "attention='flash': use one of auto, xla, cudnn, cpu_blocks"),
+    ({"eps": 0.0}, "eps=0.0 must be > 0"),
+    ({"learning_rate": -1.0}, "learning_rate=-1.0 must be > 0"),
 ])
 def test_invalid_values_are_rejected(kv, message):
     with pytest.raises(ConfigError, match=message):
@@ -42,10 +72,10 @@ def test_invalid_values_are_rejected(kv, message):
 
 def test_presets_and_backend_defaults():
     assert default_preset("cpu") == "cpu" and default_preset("gpu") == "shakespeare_char"
-    nano = TrainConfig()  # nanoGPT's shakespeare_char
-    assert (nano.n_layer, nano.n_head, nano.n_embd, nano.block_size, nano.batch_size) == (6, 6, 384, 256, 64)
-    assert (nano.dropout, nano.learning_rate, nano.max_iters, nano.warmup_iters, nano.beta2) == (0.2, 1e-3, 5000, 100, 0.99)
+    nano = TrainConfig().to_flat()  # nanoGPT's shakespeare_char
+    assert [nano[k] for k in ("n_layer", "n_head", "n_embd", "block_size", "batch_size")] == [6, 6, 384, 256, 64]
+    assert [nano[k] for k in ("dropout", "learning_rate", "max_iters", "warmup_iters", "beta2")] == [0.2, 1e-3, 5000, 100, 0.99]
     for name in PRESETS:
         make_config(name, {})
-    adam = make_config("cpu", {}).adam()
+    adam = make_config("cpu", {}).optim
     assert adam.learning_rate == PRESETS["cpu"]["learning_rate"] and adam.beta2 == 0.99

@@ -1,11 +1,15 @@
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from parallel_gpt.model import GPT, GPTConfig, causal_attention_blocks, cross_entropy, pad_vocab
+from parallel_gpt import attention
+from parallel_gpt.attention_cpu import causal_attention_blocks
+from parallel_gpt.model import GPT, GPTConfig, cross_entropy, pad_vocab
 
-CFG = GPTConfig(block_size=16, vocab_size=64, n_layer=2, n_head=2, n_embd=32)
+CFG = GPTConfig(block_size=16, vocab_size=64, n_layer=2, n_head=2, n_embd=32, dropout=0.0).for_platform("cpu")
 
 
 @pytest.fixture(scope="module")
@@ -39,12 +43,13 @@ def test_flops_per_token_hand_count(model):
 
 
 def test_gpt2_small_flops_match_nanogpt():
-    """nanoGPT: GPT-2 small at block 1024 is about 0.86 GFLOP per token (6N + 12LTC)."""
-    c = GPTConfig(block_size=1024, vocab_size=50304, n_layer=12, n_head=12, n_embd=768)
+    """nanoGPT's figures for GPT-2 small at block 1024 (vocabulary padded to 50304): it prints
+    "number of parameters: 123.69M" (124,475,904 less the 786,432 position embeddings), and
+    its estimate_mfu counts 6 * 123,689,472 + 12 * 12 * 1024 * 768 = 855,383,040 FLOPs per token."""
+    c = GPTConfig(block_size=1024, vocab_size=50304, n_layer=12, n_head=12, n_embd=768).for_platform("gpu")
     m = jax.eval_shape(lambda: GPT.create(c, key=jax.random.key(0)))
-    n = sum(x.size for x in jax.tree.leaves(m)) - 1024 * 768
-    assert 123.6e6 < n < 123.8e6  # nanoGPT prints "number of parameters: 123.69M"
-    assert 0.85e9 < 6 * n + 12 * 12 * 1024 * 768 < 0.86e9
+    assert m.num_params() == 123_689_472
+    assert m.flops_per_token() == 855_383_040
 
 
 def test_causality(model):
@@ -71,20 +76,52 @@ def test_causal_attention_blocks_match_dot_product_attention(T, block):
         np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("backend", ["gpu", "tpu"])
-def test_accelerator_attention_path_matches_the_cpu_path(model, backend, monkeypatch):
-    # GPUs and TPUs run jax.nn.dot_product_attention (float32 here: the cuDNN kernel is
-    # bfloat16-only and needs a GPU); the CPU runs query blocks. Same loss, same gradients.
+@pytest.mark.parametrize("ln", ["explicit", "autodiff"])
+def test_xla_attention_and_autodiff_layernorm_match_the_cpu_kernels(model, ln):
+    # TPUs and float32 GPUs run XLA's dot_product_attention and JAX's own LayerNorm
+    # derivative; CPUs run query blocks and the written-out LayerNorm backward. The whole
+    # model gives the same loss and gradients with either (cuDNN needs a GPU).
     x, y = jax.random.randint(jax.random.key(2), (2, 2, 16), 0, 64)
+    other = dataclasses.replace(CFG, attention="xla", layernorm_backward=ln)
+    other_model = jax.tree.unflatten(jax.tree.structure(GPT.create(other, key=jax.random.key(0))),
+                                     jax.tree.leaves(model))  # the same weights
 
-    def loss_and_grads():
-        return jax.jit(jax.value_and_grad(lambda m: m.loss(x, y)))(model)  # a new trace each call
+    def loss_and_grads(m):
+        return jax.jit(jax.value_and_grad(lambda m: m.loss(x, y)))(m)
 
-    want = loss_and_grads()
-    monkeypatch.setattr(jax, "default_backend", lambda: backend)
-    got = loss_and_grads()
-    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    assert other_model.h[0].attn.implementation == "xla"
+    assert other_model.h[0].ln_1.explicit_backward == (ln == "explicit")
+    for g, w in zip(jax.tree.leaves(loss_and_grads(other_model)), jax.tree.leaves(loss_and_grads(model))):
         np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("setting, platform, dtype, kernels", [
+    ("auto", "cpu", jnp.float32, ("cpu_blocks", "explicit")),
+    ("auto", "cpu", jnp.bfloat16, ("cpu_blocks", "explicit")),
+    ("auto", "gpu", jnp.float32, ("xla", "autodiff")),
+    ("auto", "gpu", jnp.bfloat16, ("cudnn", "autodiff")),
+    ("auto", "tpu", jnp.bfloat16, ("xla", "autodiff")),
+    ("xla", "cpu", jnp.float32, ("xla", "explicit")),
+    ("cpu_blocks", "gpu", jnp.float32, ("cpu_blocks", "autodiff")),
+])
+def test_backend_settings_resolve_from_the_platform(setting, platform, dtype, kernels):
+    c = GPTConfig(vocab_size=64, attention=setting).for_platform(platform, dtype)
+    assert (c.attention, c.layernorm_backward) == kernels
+    assert GPTConfig(vocab_size=64, layernorm_backward="autodiff").for_platform("cpu").layernorm_backward == "autodiff"
+
+
+def test_backend_settings_that_cannot_run_say_what_to_change():
+    with pytest.raises(ValueError, match="attention=cudnn needs NVIDIA GPUs, these devices are tpu"):
+        GPTConfig(vocab_size=64, attention="cudnn").for_platform("tpu", jnp.bfloat16)
+    with pytest.raises(ValueError, match="attention=cudnn takes 16-bit activations, not float32: use dtype=bfloat16"):
+        GPTConfig(vocab_size=64, attention="cudnn").for_platform("gpu", jnp.float32)
+    with pytest.raises(ValueError, match="attention='flash': use one of auto, xla, cudnn, cpu_blocks"):
+        GPTConfig(attention="flash")
+    with pytest.raises(ValueError, match=r"GPTConfig has attention='auto', layernorm_backward='auto': .*for_platform"):
+        GPT.create(GPTConfig(vocab_size=64), key=jax.random.key(0))
+    with pytest.raises(ValueError, match=r"GPTConfig has vocab_size=None"):
+        GPT.create(GPTConfig().for_platform("cpu"), key=jax.random.key(0))
+    assert attention.resolve("cudnn", "gpu", jnp.bfloat16) == "cudnn"
 
 
 def test_gpt2_init(model):
@@ -110,8 +147,8 @@ def test_head_is_tied_to_token_embedding(model):
 
 
 def test_dropout_is_active_only_with_a_key():
-    m = GPT.create(GPTConfig(block_size=8, vocab_size=64, n_layer=1, n_head=1, n_embd=16, dropout=0.5),
-                   key=jax.random.key(0))
+    config = GPTConfig(block_size=8, vocab_size=64, n_layer=1, n_head=1, n_embd=16, dropout=0.5).for_platform("cpu")
+    m = GPT.create(config, key=jax.random.key(0))
     idx = jnp.arange(8)[None]
     np.testing.assert_array_equal(m(idx), m(idx))
     assert not np.allclose(m(idx, key=jax.random.key(1)), m(idx, key=jax.random.key(2)))

@@ -26,7 +26,7 @@ def test_linear_matches_a_plain_matmul_and_has_optional_bias():
     lin = nn.Linear.create(3, 5, key=k)
     assert lin.weight.shape == (3, 5) and lin.bias.shape == (5,)
     x = jax.random.normal(jax.random.key(1), (2, 4, 3))
-    np.testing.assert_allclose(lin(x), x @ lin.weight + lin.bias, rtol=1e-6)
+    np.testing.assert_allclose(lin(x), x @ lin.weight + lin.bias[None, None], rtol=1e-6)
     assert nn.Linear.create(3, 5, bias=False, key=k).bias is None
     assert jax.tree.leaves(nn.Linear.create(3, 5, bias=False, key=k))[0].shape == (3, 5)
 
@@ -48,9 +48,10 @@ def test_layernorm_normalises_the_last_axis():
     assert ln(x.astype(jnp.bfloat16)).dtype == jnp.bfloat16
 
 
+@pytest.mark.parametrize("explicit_backward", [True, False])
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_layernorm_gradients_match_autodiff_of_the_formula(bias, dtype):
+def test_layernorm_gradients_match_autodiff_of_the_formula(bias, dtype, explicit_backward):
     k_x, k_w, k_b, k_dy = jax.random.split(jax.random.key(0), 4)
     x = (1.0 + 3.0 * jax.random.normal(k_x, (2, 5, 16))).astype(dtype)
     weight = 1.0 + 0.1 * jax.random.normal(k_w, (16,))
@@ -60,13 +61,14 @@ def test_layernorm_gradients_match_autodiff_of_the_formula(bias, dtype):
     def reference(x, weight, b):  # the textbook formula, differentiated by JAX
         xf = x.astype(jnp.float32)
         mean = xf.mean(-1, keepdims=True)
-        y = (xf - mean) / jnp.sqrt(jnp.square(xf - mean).mean(-1, keepdims=True) + 1e-5) * weight
-        return (y if b is None else y + b).astype(x.dtype)
+        y = (xf - mean) / jnp.sqrt(jnp.square(xf - mean).mean(-1, keepdims=True) + 1e-5) * weight[None, None]
+        return (y if b is None else y + b[None, None]).astype(x.dtype)
 
     def loss(f):
         return jax.value_and_grad(lambda *a: jnp.sum(f(*a).astype(jnp.float32) * probe), (0, 1, 2))(x, weight, b)
 
-    (got, got_grads), (want, want_grads) = loss(lambda x, w, b: nn.LayerNorm(w, b)(x)), loss(reference)
+    layer_norm = lambda x, w, b: nn.LayerNorm(w, b, explicit_backward=explicit_backward)(x)  # noqa: E731
+    (got, got_grads), (want, want_grads) = loss(layer_norm), loss(reference)
     tol = 1e-5 if dtype == jnp.float32 else 2e-2
     np.testing.assert_allclose(got, want, rtol=tol)
     assert got_grads[0].dtype == dtype and (got_grads[2] is None) == (not bias)

@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from parallel_gpt import parallel
+from parallel_gpt import nn, parallel
 from parallel_gpt.model import GPT, GPTConfig
 from parallel_gpt.optim import AdamHParams, adam_init
 
-CFG = GPTConfig(block_size=16, vocab_size=64, n_layer=2, n_head=2, n_embd=32)
+CFG = GPTConfig(block_size=16, vocab_size=64, n_layer=2, n_head=2, n_embd=32, dropout=0.0).for_platform("cpu")
 HP = AdamHParams(learning_rate=3e-3, min_lr=3e-4, warmup_iters=3, lr_decay_iters=20)
 
 
@@ -79,11 +79,24 @@ def test_gradient_accumulation_equals_one_big_batch():
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
 
 
-def test_dropout_masks_differ_per_device_and_training_stays_finite():
-    cfg = GPTConfig(block_size=16, vocab_size=64, n_layer=2, n_head=2, n_embd=32, dropout=0.1)
+def test_dropout_masks_differ_per_device_and_replay_per_update():
+    drop, ones = nn.Dropout(0.5), jnp.ones((64,))
+
+    def masks(count):  # each device's mask for update `count`, stacked: (8, 64)
+        return np.asarray(jax.pmap(lambda _: drop(ones, key=parallel.dropout_key(7, count)), axis_name=parallel.AXIS)(
+            jnp.arange(8)))
+
+    first = masks(3)
+    assert len({m.tobytes() for m in first}) == 8  # every device draws its own mask
+    np.testing.assert_array_equal(masks(3), first)  # the same update draws the same masks again
+    assert not np.array_equal(masks(4)[0], first[0])  # the next update draws new ones
+
+
+def test_dropout_training_stays_finite():
+    cfg = dataclasses.replace(CFG, dropout=0.1)
     _, _, l8, _ = run(8, n_steps=5, config=cfg)
-    _, _, l1, _ = run(1, n_steps=5, config=cfg)
-    assert np.all(np.isfinite(l8)) and not np.allclose(l1[1:], l8[1:])
+    _, _, plain, _ = run(8, n_steps=5)
+    assert np.all(np.isfinite(l8)) and not np.allclose(l8[1:], plain[1:])
 
 
 def test_nonfinite_gradient_skips_the_update():
@@ -102,7 +115,10 @@ def test_nonfinite_gradient_skips_the_update():
 
 def test_layout_errors_say_what_to_change():
     with pytest.raises(parallel.ParallelError, match=r"batch_size=30 is not divisible by the 8 devices: use 24 or 32"):
-        parallel.check_batch_size(30, 8)
+        parallel.make_layout(30)
+    with pytest.raises(parallel.ParallelError, match=r"grad_accum=3 does not divide the per-device batch 4 "):
+        parallel.make_layout(32, grad_accum=3)
+    assert parallel.make_layout(32, grad_accum=4, devices=2).size == 2
     with pytest.raises(parallel.ParallelError, match=r"devices=9 but this process has 8 cpu device\(s\)"):
         parallel.make_mesh(9)
 
@@ -117,7 +133,7 @@ def test_bfloat16_activations_train_close_to_float32():
 
 
 def test_remat_gives_the_same_step():
-    remat = GPTConfig(**{**CFG.__dict__, "remat": True})
+    remat = dataclasses.replace(CFG, remat=True)
     _, _, plain, _ = run(2, n_steps=3)
     _, _, again, _ = run(2, n_steps=3, config=remat)
     np.testing.assert_allclose(plain, again, rtol=1e-6)

@@ -117,14 +117,22 @@ def test_killed_run_resumes_exactly_on_one_device(tmp_path, reference_one_device
     assert_same_as_reference(tmp_path, reference_one_device)
 
 
-@pytest.mark.parametrize("devices", [1, 8])
-def test_sigterm_saves_the_step_in_flight_and_resumes_exactly(tmp_path, reference, reference_one_device, devices):
-    stopped = run_train(tmp_path, fault="step_17:SIGTERM", devices=devices)
+@pytest.mark.parametrize("fault, devices, saved", [
+    ("step_17:SIGTERM", 1, 17),  # while step 17 runs
+    ("step_17:SIGTERM", 8, 17),
+    ("fetch_17:SIGTERM", 8, 18),  # while the host waits for step 17's metrics: acted on at step 18
+    ("eval_20:SIGTERM", 8, 21),  # during an evaluation
+    ("save_00000020_arrays:SIGTERM", 8, 21),  # while a checkpoint is written
+])
+def test_sigterm_anywhere_in_the_loop_saves_the_step_it_reports(tmp_path, reference, reference_one_device, fault,
+                                                                 devices, saved):
+    stopped = run_train(tmp_path, fault=fault, devices=devices)
     assert stopped.returncode == train.EXIT_INTERRUPTED, stopped.stderr
     assert "SIGTERM received" in stopped.stdout
-    assert checkpoint.checkpoint_dirs(tmp_path)[0].name == "step_00000017"
+    assert f"stopped by SIGTERM at step {saved}; checkpoint saved" in stopped.stdout
+    assert checkpoint.checkpoint_dirs(tmp_path)[0].name == f"step_{saved:08d}"
     resumed = run_train(tmp_path, devices=devices)
-    assert resumed.returncode == 0 and "resuming from step 17" in resumed.stdout
+    assert resumed.returncode == 0 and f"resuming from step {saved}" in resumed.stdout
     assert_same_as_reference(tmp_path, reference if devices == 8 else reference_one_device)
 
 
@@ -171,22 +179,18 @@ def test_nonfinite_updates_are_skipped_then_stop_the_run(tmp_path, reference):
     assert all(arrays[k].tobytes() == before[1][k].tobytes() for k in arrays)
 
 
-def _snapshot(folder):
-    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(Path(folder).rglob("*")) if p.is_file()}
-
-
 @pytest.mark.parametrize("args, message", [
     (["--n_embd=64"], "cannot resume: the checkpoint differs in n_embd (32 -> 64)"),
     (["--n_layer=3", "--bias=false"], "differs in n_layer (2 -> 3), bias (True -> False)"),
     (["--init_from=scratch"], "already holds checkpoints"),
 ])
-def test_mismatched_resume_is_refused_and_changes_nothing(tmp_path, reference, args, message, capsys):
+def test_mismatched_resume_is_refused_and_changes_nothing(tmp_path, reference, args, message, capsys, snapshot):
     shutil.copytree(reference, tmp_path, dirs_exist_ok=True)
-    before = _snapshot(tmp_path)
+    before = snapshot(tmp_path)
     code = train.main([*RUN, f"--out_dir={tmp_path}", *args])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and message in err[0], err
-    assert _snapshot(tmp_path) == before
+    assert snapshot(tmp_path) == before
 
 
 def test_run_length_changes_are_allowed_and_logged(tmp_path, reference, capsys):
@@ -207,9 +211,9 @@ def test_unwritable_out_dir_is_refused_before_training(tmp_path, capsys):
     assert blocker.read_text() == "not a directory"
 
 
-def test_full_disk_fails_cleanly_and_keeps_earlier_checkpoints(tmp_path, reference):
+def test_full_disk_fails_cleanly_and_keeps_earlier_checkpoints(tmp_path, reference, snapshot):
     shutil.copytree(reference, tmp_path, dirs_exist_ok=True)
-    before = {p.name: _snapshot(p) for p in checkpoint.checkpoint_dirs(tmp_path)}
+    before = {p.name: snapshot(p) for p in checkpoint.checkpoint_dirs(tmp_path)}
 
     # Files may not grow past 64 KiB, so the checkpoint write fails with "File too large"
     # (SIGXFSZ ignored: the write returns EFBIG instead of killing the process).
@@ -222,5 +226,5 @@ def test_full_disk_fails_cleanly_and_keeps_earlier_checkpoints(tmp_path, referen
     assert result.returncode == 2, result.stderr
     err = result.stderr.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: cannot write checkpoint") and "untouched" in err[0]
-    assert {p.name: _snapshot(p) for p in checkpoint.checkpoint_dirs(tmp_path)} == before
+    assert {p.name: snapshot(p) for p in checkpoint.checkpoint_dirs(tmp_path)} == before
     assert not list((tmp_path / "checkpoints").glob(".tmp*"))
