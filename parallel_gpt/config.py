@@ -74,7 +74,7 @@ class TrainConfig:
         """A TrainConfig from {flat key: value}; ConfigError for an unknown key or a bad value."""
         unknown = sorted(set(flat) - FLAT_KEYS.keys())
         if unknown:
-            raise ConfigError(f"unknown config key {unknown[0]!r}: valid keys are preset, {', '.join(sorted(FLAT_KEYS))}")
+            raise _unknown_key(unknown[0])
         groups = {"model": {}, "optim": {}, None: {}}
         for key, value in flat.items():
             groups[FLAT_KEYS[key]][key] = value
@@ -112,6 +112,10 @@ PRESETS: dict[str, dict] = {
 
 def default_preset(platform: str) -> str:
     return "cpu" if platform == "cpu" else "shakespeare_char"
+
+
+def _unknown_key(key: str) -> ConfigError:
+    return ConfigError(f"unknown config key {key!r}: valid keys are preset, {', '.join(sorted(FLAT_KEYS))}")
 
 
 def _hint(key: str):
@@ -157,7 +161,7 @@ def parse_overrides(args: list[str]) -> tuple[str | None, dict]:
             raise ConfigError(f"unexpected argument {arg!r}: use --key=value")
         key, eq, raw = arg[2:].partition("=")
         if key != "preset" and key not in FLAT_KEYS:
-            raise ConfigError(f"unknown config key {key!r}: valid keys are preset, {', '.join(sorted(FLAT_KEYS))}")
+            raise _unknown_key(key)
         if not eq:
             if key != "preset" and _hint(key) is bool and (i + 1 == len(args) or args[i + 1].startswith("--")):
                 raw = "true"

@@ -55,7 +55,8 @@ class GPTConfig:
         if self.attention not in attention.SETTINGS:
             raise ValueError(f"attention={self.attention!r}: use one of {', '.join(attention.SETTINGS)}")
         if self.layernorm_backward not in LAYERNORM_BACKWARD:
-            raise ValueError(f"layernorm_backward={self.layernorm_backward!r}: use one of {', '.join(LAYERNORM_BACKWARD)}")
+            raise ValueError(f"layernorm_backward={self.layernorm_backward!r}: "
+                             f"use one of {', '.join(LAYERNORM_BACKWARD)}")
 
     def for_platform(self, platform: str, dtype=jnp.float32) -> "GPTConfig":
         """This config with its "auto" settings chosen for `platform` ("cpu", "gpu", "tpu")
@@ -76,7 +77,8 @@ def pad_vocab(n: int, multiple: int = 64) -> int:
 
 
 def _layer_norm(config: GPTConfig) -> nn.LayerNorm:
-    return nn.LayerNorm.create(config.n_embd, bias=config.bias, explicit_backward=config.layernorm_backward == "explicit")
+    explicit = config.layernorm_backward == "explicit"
+    return nn.LayerNorm.create(config.n_embd, bias=config.bias, explicit_backward=explicit)
 
 
 def _split(key, n):
@@ -165,8 +167,9 @@ class GPT(nn.Module):
 
     @classmethod
     def create(cls, config: GPTConfig, *, key):
-        unresolved = [f"{k}={v!r}" for k, v in (("vocab_size", config.vocab_size), ("attention", config.attention),
-                                                ("layernorm_backward", config.layernorm_backward)) if v in (None, "auto")]
+        settings = {"vocab_size": config.vocab_size, "attention": config.attention,
+                    "layernorm_backward": config.layernorm_backward}
+        unresolved = [f"{k}={v!r}" for k, v in settings.items() if v in (None, "auto")]
         if unresolved:
             raise ValueError(f"GPTConfig has {', '.join(unresolved)}: set vocab_size and build the model from "
                              f"config.for_platform(platform, dtype)")

@@ -50,7 +50,8 @@ class AdamHParams:
         if self.learning_rate <= 0 or self.min_lr < 0:
             raise ValueError(f"learning_rate={self.learning_rate} must be > 0 and min_lr={self.min_lr} >= 0")
         if self.warmup_iters < 0 or self.lr_decay_iters < 1:
-            raise ValueError(f"warmup_iters={self.warmup_iters} must be >= 0 and lr_decay_iters={self.lr_decay_iters} >= 1")
+            raise ValueError(f"warmup_iters={self.warmup_iters} must be >= 0 "
+                             f"and lr_decay_iters={self.lr_decay_iters} >= 1")
         if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
             raise ValueError(f"beta1={self.beta1} and beta2={self.beta2} must be in [0, 1)")
         if self.eps <= 0 or self.weight_decay < 0 or self.grad_clip < 0:

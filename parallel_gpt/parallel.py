@@ -1,9 +1,10 @@
 """Data parallelism: the per-device `step`, its `jax.pmap` wrapper, and data placement.
 
 `step` is plain per-device code; the device axis appears only in `lax.pmean` (and in
-`lax.axis_index`, so each device draws different dropout masks: `dropout_key`). Replicated state (model
-and optimizer state) is one `jax.Array` per leaf with sharding `NamedSharding(mesh, P())`,
-passed with `in_axes=None` / `out_axes=None`: no stacked replicas, no per-step gathers.
+`lax.axis_index`, so each device draws different dropout masks: `dropout_key`).
+Replicated state (model and optimizer state) is one `jax.Array` per leaf with sharding
+`NamedSharding(mesh, P())`, passed with `in_axes=None` / `out_axes=None`: no stacked
+replicas, no per-step gathers.
 Batches are (n_devices, B / n_devices, T) arrays sharded `P(AXIS)` over their first axis.
 """
 

@@ -52,8 +52,8 @@ def read_meta(meta: dict, where: str) -> dict:
     if fmt == 1 and isinstance(meta.get("config"), dict):
         meta = _from_format_1(meta)
     elif fmt != META_FORMAT:
-        raise checkpoint.CheckpointError(f"{where} has metadata format {fmt!r}, this version reads 1 and {META_FORMAT}: "
-                                         f"use the version of parallel_gpt that wrote it")
+        raise checkpoint.CheckpointError(f"{where} has metadata format {fmt!r}, this version reads 1 and "
+                                         f"{META_FORMAT}: use the version of parallel_gpt that wrote it")
     missing = [k for k in ("model", "tokenizer", "train", "rng") if not isinstance(meta.get(k), dict)]
     if missing:
         raise checkpoint.CheckpointError(f"{where}: meta.json lacks {', '.join(missing)}: the checkpoint is damaged")

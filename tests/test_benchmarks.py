@@ -135,3 +135,16 @@ def test_compare_pytorch_runs_the_same_model_in_both(tmp_path):
     assert set(shape["results"]) == {"ours (JAX pmap, 1 device)", "PyTorch eager"}
     for r in shape["results"].values():
         assert all(positive_finite(r[k]) for k in ("first_step_s", "step_s", "tokens_per_s", "ours_over_this"))
+
+
+def test_attention_benchmark_times_each_kernel_that_runs_here():
+    cmd = [sys.executable, str(BENCH / "attention.py"), "--heads", "2", "--head_size", "8", "--batch", "2",
+           "--seq", "16", "70", "--calls", "1", "--rounds", "2"]
+    proc = subprocess.run(cmd, env=SMOKE_ENV, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[0].startswith("cpu, 2 x 2 heads x 8, float32")
+    for T, line in zip((16, 70), lines[1:]):
+        name_ms = dict(part.rsplit(" ", 2)[:2] for part in line.split(": ", 1)[1].split(", "))
+        assert line.startswith(f"T = {T}: ") and set(name_ms) == {"cpu_blocks", "xla"}
+        assert all(positive_finite(float(ms)) for ms in name_ms.values())

@@ -74,7 +74,8 @@ def test_presets_and_backend_defaults():
     assert default_preset("cpu") == "cpu" and default_preset("gpu") == "shakespeare_char"
     nano = TrainConfig().to_flat()  # nanoGPT's shakespeare_char
     assert [nano[k] for k in ("n_layer", "n_head", "n_embd", "block_size", "batch_size")] == [6, 6, 384, 256, 64]
-    assert [nano[k] for k in ("dropout", "learning_rate", "max_iters", "warmup_iters", "beta2")] == [0.2, 1e-3, 5000, 100, 0.99]
+    assert [nano[k] for k in ("dropout", "learning_rate", "max_iters", "warmup_iters", "beta2")] == [
+        0.2, 1e-3, 5000, 100, 0.99]
     for name in PRESETS:
         make_config(name, {})
     adam = make_config("cpu", {}).optim
