@@ -3,8 +3,8 @@
     PYTHONPATH=. python benchmarks/attention.py                       # 4 heads x 32, batch 16, T = 128 and 256
     PYTHONPATH=. python benchmarks/attention.py --heads 12 --head_size 64 --batch 8 --seq 1024 --dtype bfloat16
 
-The kernels time in alternating rounds (each round starting one further along the list),
-the figure is the median over rounds of the time per call, compiled and warmed up first.
+The kernels are compiled and warmed up, then timed in alternating rounds
+(`common.time_alternating`); the figure is the median over rounds of the time per call.
 On a CPU `cudnn` is left out; on GPUs `cpu_blocks` runs too, for comparison.
 """
 
@@ -17,9 +17,26 @@ import time
 
 import jax
 import jax.numpy as jnp
+from common import time_alternating
 
 from parallel_gpt.attention import causal_attention
 from parallel_gpt.runtime import keep_freed_memory
+
+
+class KernelRunner:
+    """Forward and backward of one kernel, with the `run(n) -> seconds` interface of common.Runner."""
+
+    def __init__(self, name: str, q, k, v, probe):
+        loss = lambda q, k, v: jnp.sum(causal_attention(q, k, v, name) * probe).astype(jnp.float32)  # noqa: E731
+        self.grad, self.args = jax.jit(jax.grad(loss, (0, 1, 2))), (q, k, v)
+        self.run(2)  # compile and warm up
+
+    def run(self, n: int) -> float:
+        t = time.perf_counter()
+        for _ in range(n):
+            out = self.grad(*self.args)
+        jax.block_until_ready(out)
+        return time.perf_counter() - t
 
 
 def main(argv=None) -> int:
@@ -40,20 +57,9 @@ def main(argv=None) -> int:
           f"median of {args.rounds} alternating rounds of {args.calls} calls")
     for T in args.seq:
         q, k, v, probe = jax.random.normal(jax.random.key(0), (4, args.batch, T, args.heads, args.head_size), dtype)
-        fns = {name: jax.jit(jax.grad(lambda q, k, v, name=name: jnp.sum(causal_attention(q, k, v, name) * probe)
-                                      .astype(jnp.float32), (0, 1, 2))) for name in kernels}
-        for f in fns.values():
-            jax.block_until_ready(f(q, k, v))  # compile
-            jax.block_until_ready(f(q, k, v))
-        ms = {name: [] for name in fns}
-        for r in range(args.rounds):
-            for name in kernels[r % len(kernels):] + kernels[:r % len(kernels)]:
-                t = time.perf_counter()
-                for _ in range(args.calls):
-                    out = fns[name](q, k, v)
-                jax.block_until_ready(out)
-                ms[name].append((time.perf_counter() - t) / args.calls * 1e3)
-        print(f"T = {T}: " + ", ".join(f"{name} {statistics.median(t):.1f} ms" for name, t in ms.items()))
+        runners = {name: KernelRunner(name, q, k, v, probe) for name in kernels}
+        per_call = time_alternating(runners, args.rounds, args.calls)
+        print(f"T = {T}: " + ", ".join(f"{name} {1e3 * statistics.median(s):.1f} ms" for name, s in per_call.items()))
     return 0
 
 

@@ -3,8 +3,9 @@
 Layout: `out_dir/checkpoints/step_00001000/{arrays.npz, meta.json}`. A checkpoint is
 written into a hidden temporary directory, every file and the directory are fsynced, then
 the directory is renamed into place, so a reader sees a whole checkpoint or none. The
-sidecar records the step, the run configuration, the tokenizer and a SHA-256 of the array
-file; loading checks it and reads with `allow_pickle=False`, so a checkpoint cannot run code.
+sidecar holds what the caller gives (runstate.py: the model's config, the tokenizer, the
+run's settings) plus the step and a SHA-256 of the array file; loading checks it and reads
+with `allow_pickle=False`, so a checkpoint cannot run code.
 """
 
 from __future__ import annotations

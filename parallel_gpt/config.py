@@ -80,7 +80,7 @@ class TrainConfig:
             groups[FLAT_KEYS[key]][key] = value
         try:
             return cls(model=GPTConfig(**groups["model"]), optim=AdamHParams(**groups["optim"]), **groups[None])
-        except ValueError as e:  # GPTConfig's and AdamHParams' own checks
+        except (TypeError, ValueError) as e:  # GPTConfig's and AdamHParams' own checks, or a wrong type
             raise ConfigError(str(e)) from None
 
 

@@ -71,8 +71,8 @@ def load_model(out_dir: str, report=print) -> tuple[GPT, CharTokenizer, dict]:
     arrays, meta = found
     where = f"the checkpoint of step {meta.get('step')} in {out_dir!r}"
     meta = runstate.read_meta(meta, where)
-    tokenizer = runstate.tokenizer(meta, where)
-    config = runstate.model_config(meta, where).for_platform(jax.default_backend())
+    tokenizer = runstate.read_tokenizer(meta, where)
+    config = runstate.read_model_config(meta, where).for_platform(jax.default_backend())
     template = jax.eval_shape(lambda: GPT.create(config, key=jax.random.key(0)))
     model = checkpoint.unflatten(template, "model", arrays)
     return jax.tree.map(jnp.asarray, model), tokenizer, meta

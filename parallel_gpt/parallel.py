@@ -10,6 +10,7 @@ Batches are (n_devices, B / n_devices, T) arrays sharded `P(AXIS)` over their fi
 
 from __future__ import annotations
 
+import collections
 import functools
 
 import jax
@@ -44,10 +45,14 @@ def make_mesh(devices: int | None = None) -> Mesh:
 
 def make_layout(batch_size: int, grad_accum: int = 1, devices: int | None = None) -> Mesh:
     """The mesh for a run (see `make_mesh`), after checking that its global batch divides
-    over the devices and each device's share into `grad_accum` micro-batches. Every
-    process holds the same number of devices, so the batch also divides over processes."""
+    over the devices and each device's share into `grad_accum` micro-batches. Each process
+    must hold the same number of devices, so the batch then divides over processes too."""
     mesh = make_mesh(devices)
     n = mesh.size
+    per_process = collections.Counter(d.process_index for d in mesh.devices.flat)
+    if len(set(per_process.values())) > 1:
+        raise ParallelError(f"processes hold different numbers of devices ({dict(per_process)}): give every process "
+                            f"the same number")
     if batch_size % n:
         lower = batch_size // n * n
         nearest = " or ".join(str(b) for b in (lower, lower + n) if b > 0)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import sys
+import typing
 from pathlib import Path
 
 import jax
@@ -33,6 +34,8 @@ META_FORMAT = 2
 # Settings a resumed run must share with its checkpoint (the tokenizer's vocabulary too):
 # the model's shape and the data it reads. Everything else may change, and is listed.
 FIXED_ON_RESUME = ("n_layer", "n_head", "n_embd", "block_size", "bias", "dataset")
+# How a run was started, not what it computes: never reported as a changed setting.
+_RUN_CONTROL = ("init_from", "out_dir")
 
 
 def save_checkpoint(tconf: TrainConfig, step: int, model: GPT, opt_state: AdamState, tokenizer):
@@ -49,12 +52,17 @@ def save_checkpoint(tconf: TrainConfig, step: int, model: GPT, opt_state: AdamSt
 def read_meta(meta: dict, where: str) -> dict:
     """`meta` in format 2, checked; CheckpointError (one line, naming `where`) otherwise."""
     fmt = meta.get("format")
-    if fmt == 1 and isinstance(meta.get("config"), dict):
+    if fmt == 1:
+        if not (isinstance(meta.get("config"), dict) and isinstance(meta.get("tokenizer"), dict)):
+            raise checkpoint.CheckpointError(f"{where}: its format 1 meta.json lacks config or tokenizer: "
+                                             f"the checkpoint is damaged")
         meta = _from_format_1(meta)
     elif fmt != META_FORMAT:
         raise checkpoint.CheckpointError(f"{where} has metadata format {fmt!r}, this version reads 1 and "
                                          f"{META_FORMAT}: use the version of parallel_gpt that wrote it")
     missing = [k for k in ("model", "tokenizer", "train", "rng") if not isinstance(meta.get(k), dict)]
+    if not isinstance(meta.get("step"), int):
+        missing.append("step")
     if missing:
         raise checkpoint.CheckpointError(f"{where}: meta.json lacks {', '.join(missing)}: the checkpoint is damaged")
     return meta
@@ -62,31 +70,44 @@ def read_meta(meta: dict, where: str) -> dict:
 
 def _from_format_1(meta: dict) -> dict:
     config = meta["config"]
-    model_keys = {f.name for f in dataclasses.fields(GPTConfig)} - {"vocab_size", "attention", "layernorm_backward"}
-    vocab = len(meta.get("tokenizer", {}).get("chars", ""))
+    shape = {f.name for f in dataclasses.fields(GPTConfig)} - {"vocab_size", "attention", "layernorm_backward"}
+    vocab = pad_vocab(len(meta["tokenizer"].get("chars", "")))
     return {**meta, "format": META_FORMAT, "train": config,
-            "model": {**{k: v for k, v in config.items() if k in model_keys}, "vocab_size": pad_vocab(vocab)},
+            "model": {**{k: v for k, v in config.items() if k in shape}, "vocab_size": vocab},
             "rng": {"seed": config.get("seed"), "version": 1}}
 
 
-def model_config(meta: dict, where: str) -> GPTConfig:
+def read_model_config(meta: dict, where: str) -> GPTConfig:
     """The GPTConfig a checkpoint was trained with, its kernel settings back to "auto" so
     that whoever loads it chooses kernels for their own devices."""
-    fields = {f.name for f in dataclasses.fields(GPTConfig)}
-    unknown = sorted(meta["model"].keys() - fields)
+    hints = typing.get_type_hints(GPTConfig)
+    model = {k: v for k, v in meta["model"].items() if k not in ("attention", "layernorm_backward")}
+    unknown = sorted(model.keys() - hints.keys())
     if unknown:
         raise checkpoint.CheckpointError(f"{where} has model settings this version does not know "
                                          f"({', '.join(unknown)}): use the version of parallel_gpt that wrote it")
+    wrong = [f"{k}={v!r}" for k, v in model.items() if not _has_type(v, hints[k])]
+    if wrong:
+        raise checkpoint.CheckpointError(f"{where} has model settings of the wrong type ({', '.join(wrong)}): "
+                                         f"the checkpoint is damaged")
     try:
-        config = GPTConfig(**meta["model"])
-    except (TypeError, ValueError) as e:
+        config = GPTConfig(**model)
+    except ValueError as e:
         raise checkpoint.CheckpointError(f"{where} has an invalid model config ({e})") from None
     if config.vocab_size is None:
         raise checkpoint.CheckpointError(f"{where} has no vocab_size in its model config: the checkpoint is damaged")
-    return dataclasses.replace(config, attention="auto", layernorm_backward="auto")
+    return config
 
 
-def tokenizer(meta: dict, where: str) -> CharTokenizer:
+def _has_type(value, hint) -> bool:
+    """Whether a JSON value fits a GPTConfig field's type (an int is a float; a bool is not an int)."""
+    allowed = typing.get_args(hint) or (hint,)
+    if isinstance(value, bool):
+        return bool in allowed
+    return any(t is not bool and isinstance(value, t) for t in allowed) or (float in allowed and isinstance(value, int))
+
+
+def read_tokenizer(meta: dict, where: str) -> CharTokenizer:
     tok = meta["tokenizer"]
     if tok.get("type") != "char" or not isinstance(tok.get("chars"), str):
         raise checkpoint.CheckpointError(f"{where} has a tokenizer this version does not know ({tok.get('type')!r})")
@@ -101,13 +122,12 @@ def init_or_resume(tconf: TrainConfig, tokenizer: CharTokenizer, platform: str):
         config = tconf.model_config(tokenizer.vocab_size).for_platform(platform, jnp.dtype(tconf.dtype))
     except ValueError as e:  # a kernel that cannot run on these devices
         raise ConfigError(str(e)) from None
-    # One compiled initialiser instead of a dispatch (and a compile) per weight matrix.
-    template = jax.jit(GPT.create, static_argnums=0)(config, key=jax.random.key(tconf.seed))
     if tconf.init_from == "scratch" or (tconf.init_from == "auto" and not has_ckpt):
         if has_ckpt:
             raise ConfigError(f"out_dir {tconf.out_dir!r} already holds checkpoints: use --init_from=resume "
                               f"to continue them or choose another out_dir")
-        return template, None, 0
+        # One compiled initialiser instead of a dispatch (and a compile) per weight matrix.
+        return jax.jit(GPT.create, static_argnums=0)(config, key=jax.random.key(tconf.seed)), None, 0
     found = checkpoint.load_latest(tconf.out_dir, report=lambda msg: print0(msg, file=sys.stderr))
     if found is None:
         raise checkpoint.CheckpointError(f"no valid checkpoint to resume in {tconf.out_dir!r}: "
@@ -115,16 +135,17 @@ def init_or_resume(tconf: TrainConfig, tokenizer: CharTokenizer, platform: str):
     arrays, meta = found
     meta = read_meta(meta, f"the checkpoint of step {meta.get('step')} in {tconf.out_dir!r}")
     check_resume(meta, tconf, tokenizer)
+    template = jax.eval_shape(lambda: GPT.create(config, key=jax.random.key(tconf.seed)))  # shapes only
     model = checkpoint.unflatten(template, "model", arrays)
-    opt_state = checkpoint.unflatten(adam_init(template), "opt", arrays)
+    opt_state = checkpoint.unflatten(jax.eval_shape(adam_init, template), "opt", arrays)
     print0(f"resuming from step {meta['step']} in {tconf.out_dir}")
-    return model, opt_state, int(meta["step"])
+    return model, opt_state, meta["step"]
 
 
 def check_resume(meta: dict, tconf: TrainConfig, tokenizer: CharTokenizer):
     """ConfigError listing what forbids resuming `meta`'s run with `tconf`; prints what else changed."""
     old, new = meta["train"], tconf.to_flat()
-    changed = [k for k, v in new.items() if k in old and old[k] != v]
+    changed = [k for k, v in new.items() if k in old and old[k] != v and k not in _RUN_CONTROL]
     forbidden = [f"{k} ({old[k]!r} -> {new[k]!r})" for k in changed if k in FIXED_ON_RESUME]
     if meta["tokenizer"] != tokenizer.to_json():
         forbidden.append("vocabulary")

@@ -56,7 +56,9 @@ class StopSignals:
         if self.requested is not None:
             os._exit(128 + signum)
         self.requested = signal.Signals(signum).name
-        print0(f"\n{self.requested} received: finishing this step and saving a checkpoint (send again to exit now)")
+        if is_main_process():  # os.write, not print: the signal may land inside a print
+            os.write(sys.stdout.fileno(), f"\n{self.requested} received: finishing this step and saving a checkpoint "
+                                          f"(send again to exit now)\n".encode())
 
     def __exit__(self, *exc):
         for s, old in self._old.items():

@@ -83,8 +83,8 @@ def test_xla_attention_and_autodiff_layernorm_match_the_cpu_kernels(model, ln):
     # model gives the same loss and gradients with either (cuDNN needs a GPU).
     x, y = jax.random.randint(jax.random.key(2), (2, 2, 16), 0, 64)
     other = dataclasses.replace(CFG, attention="xla", layernorm_backward=ln)
-    other_model = jax.tree.unflatten(jax.tree.structure(GPT.create(other, key=jax.random.key(0))),
-                                     jax.tree.leaves(model))  # the same weights
+    structure = jax.tree.structure(jax.eval_shape(lambda: GPT.create(other, key=jax.random.key(0))))
+    other_model = jax.tree.unflatten(structure, jax.tree.leaves(model))  # the same weights
 
     def loss_and_grads(m):
         return jax.jit(jax.value_and_grad(lambda m: m.loss(x, y)))(m)

@@ -146,6 +146,8 @@ def _format_1(meta):
     (lambda m: m["model"].update(n_head=3), "has an invalid model config (n_embd=32 is not divisible by n_head=3"),
     (lambda m: m.pop("tokenizer"), "meta.json lacks tokenizer"),
     (lambda m: m["tokenizer"].update(type="bpe"), "has a tokenizer this version does not know ('bpe')"),
+    (lambda m: m["model"].update(n_layer=2.5), "has model settings of the wrong type (n_layer=2.5)"),
+    (lambda m: (_format_1(m), m.update(tokenizer="chars")), "its format 1 meta.json lacks config or tokenizer"),
 ])
 def test_evaluate_refuses_a_checkpoint_it_cannot_read_in_one_line(trained, tmp_path, change, message):
     shutil.copytree(trained[0], tmp_path, dirs_exist_ok=True)
