@@ -10,6 +10,7 @@ non-finite updates, 75 interrupted by SIGTERM/SIGINT after saving a checkpoint.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -112,38 +113,34 @@ def train(model: GPT, dataloader: DataLoader, tconf: TrainConfig, *, mesh: Mesh 
            f"{tokens_per_step:,} tokens per step, steps {start_step} -> {tconf.max_iters}")
 
     batch = place(start_step) if start_step < tconf.max_iters else None
-    try:
-        with StopSignals() as signals:
-            for step in range(start_step + 1, tconf.max_iters + 1):
-                model, opt_state, metrics = pstep(model, *batch, opt_state)
-                fault_point(f"step_{step}")
-                if step < tconf.max_iters:
-                    batch = place(step)  # the next batch is built and placed while this step runs
-                reporter.add(metrics)
-                # Read once: a signal that lands later in this step is acted on at the next,
-                # so a step that stops has always saved.
-                stop = signals.requested
-                last = step == tconf.max_iters
-                evaluate = step % tconf.eval_interval == 0 or last
-                save = step % tconf.ckpt_interval == 0 or last or stop is not None
+    with StopSignals() as signals, contextlib.closing(reporter):
+        for step in range(start_step + 1, tconf.max_iters + 1):
+            model, opt_state, metrics = pstep(model, *batch, opt_state)
+            fault_point(f"step_{step}")
+            if step < tconf.max_iters:
+                batch = place(step)  # the next batch is built and placed while this step runs
+            reporter.add(metrics)
+            # Read once: a signal that lands later in this step is acted on at the next,
+            # so a step that stops has always saved.
+            stop = signals.requested
+            last = step == tconf.max_iters
+            evaluate = step % tconf.eval_interval == 0 or last
+            save = step % tconf.ckpt_interval == 0 or last or stop is not None
 
-                # Metrics reach the host only here; also before evaluating or saving, so that a
-                # run that only skips non-finite updates stops before it writes a checkpoint.
-                if step % tconf.log_interval == 0 or evaluate or save:
-                    fault_point(f"fetch_{step}")
-                    nonfinite.check(reporter.report(step), step)
-                with reporter.paused():
-                    if evaluate:
-                        fault_point(f"eval_{step}")
-                        reporter.evaluation(step, estimate_loss(peval, model, dataloader, mesh, tconf.eval_iters))
-                    if save:
-                        reporter.flush()
-                        runstate.save_checkpoint(tconf, step, model, opt_state, dataloader.corpus.tokenizer)
-                if stop is not None:
-                    raise Interrupted(f"stopped by {stop} at step {step}; checkpoint saved: "
-                                      f"run the same command to resume")
-    finally:
-        reporter.close()
+            # Metrics reach the host only here; also before evaluating or saving, so that a
+            # run that only skips non-finite updates stops before it writes a checkpoint.
+            if step % tconf.log_interval == 0 or evaluate or save:
+                fault_point(f"fetch_{step}")
+                nonfinite.check(reporter.report(step), step)
+            with reporter.paused():
+                if evaluate:
+                    fault_point(f"eval_{step}")
+                    reporter.evaluation(step, estimate_loss(peval, model, dataloader, mesh, tconf.eval_iters))
+                if save:
+                    reporter.flush()
+                    runstate.save_checkpoint(tconf, step, model, opt_state, dataloader.corpus.tokenizer)
+            if stop is not None:
+                raise Interrupted(f"stopped by {stop} at step {step}; checkpoint saved: run the same command to resume")
     return model, opt_state
 
 
