@@ -74,8 +74,8 @@ def _row_step(row: str):
 class Reporter:
     """The host side of the training loop's logging.
 
-    Step metrics stay on the devices until `report` fetches them all at once (one host sync
-    per log interval); tokens/s and MFU count the time since the previous report, less the
+    Step metrics stay on the devices until `report` fetches, in one host sync per log
+    interval, every step's non-finite flag and the newest step's metrics; tokens/s and MFU count the time since the previous report, less the
     time spent in `paused()` blocks (evaluation, checkpoints)."""
 
     def __init__(self, out_dir: Path, start_step: int, max_iters: int, tokens_per_step: int,
@@ -83,22 +83,23 @@ class Reporter:
         self.log = MetricsLog(out_dir, start_step)
         self.start_step, self.max_iters, self.tokens_per_step = start_step, max_iters, tokens_per_step
         self.flops_per_token, self.peak_flops = flops_per_token, peak_flops
-        self.pending, self.skipped = [], 0
+        self.flags, self.newest, self.skipped = [], None, 0
         self.t_start = self.t_last = time.perf_counter()
         self.last_step, self.paused_s = start_step, 0.0
 
     def add(self, metrics: dict):
         """A step's metrics, still on the devices."""
-        self.pending.append(metrics)
+        self.flags.append(metrics["nonfinite"])
+        self.newest = metrics
 
     def report(self, step: int) -> list[int]:
-        """Fetch every pending step's metrics, log the newest, print the console line;
-        returns the fetched steps' non-finite flags, oldest first."""
-        fetched = jax.device_get(self.pending)
-        self.pending = []
-        flags = [int(m["nonfinite"]) for m in fetched]
+        """Fetch the steps' metrics since the last report, log the newest, print the console
+        line; returns those steps' non-finite flags, oldest first."""
+        flags, newest = jax.device_get((self.flags, self.newest))
+        self.flags = []
+        flags = [int(f) for f in flags]
         self.skipped += sum(flags)
-        m = {k: float(v) for k, v in fetched[-1].items()}
+        m = {k: float(v) for k, v in newest.items()}
         now = time.perf_counter()
         tok_s = (step - self.last_step) * self.tokens_per_step / (now - self.t_last - self.paused_s)
         util = perf.mfu(self.flops_per_token, tok_s, self.peak_flops)
