@@ -16,6 +16,7 @@ import os
 import re
 import shutil
 import signal
+import threading
 from pathlib import Path
 
 import jax
@@ -30,15 +31,23 @@ class CheckpointError(RuntimeError):
 
 
 def fault_point(name: str):
-    """Test hook: with PARALLEL_GPT_FAULT="<name>:<SIGNAL>[*count]" the process sends itself
-    that signal at this point, so tests can kill or interrupt a run at an exact place
-    (e.g. "save_00000010_arrays:SIGKILL", "step_7:SIGTERM*2"). Unset, it does nothing."""
+    """Test hook: with PARALLEL_GPT_FAULT="[p<process>/]<name>:<ACTION>[*count]" the process
+    acts at this point, so tests can kill, interrupt or stall a run at an exact place
+    (e.g. "save_00000010_arrays:SIGKILL", "step_7:SIGTERM*2", "p1/step_5:HANG"). ACTION
+    is a signal sent to itself, or HANG: the main thread sleeps for good (a stuck process).
+    With a p<process>/ prefix only that process of the group acts. Unset, it does nothing."""
     spec = os.environ.get("PARALLEL_GPT_FAULT")
-    if not spec or spec.partition(":")[0] != name:
+    if not spec:
         return
-    sig, _, count = spec.partition(":")[2].partition("*")
+    where, _, action = spec.partition(":")
+    process, _, point = where.rpartition("/")
+    if point != name or (process and process != f"p{jax.process_index()}"):
+        return
+    action, _, count = action.partition("*")
+    if action == "HANG":
+        threading.Event().wait()
     for _ in range(int(count or 1)):
-        os.kill(os.getpid(), getattr(signal, sig))
+        os.kill(os.getpid(), getattr(signal, action))
 
 
 def _name(path) -> str:

@@ -1,7 +1,8 @@
 """Typed run configuration: `TrainConfig`, presets, and flat `--key=value` parsing.
 
 Each setting is declared once. The model's live in `GPTConfig`, the optimizer's in
-`AdamHParams`; `TrainConfig` nests the two and declares the rest (data, run length,
+`AdamHParams`, the process group's in `runtime.ProcessConfig`; `TrainConfig` nests the
+three and declares the rest (data, run length,
 logging, checkpoints, parallelism). On the command line every setting has its flat nanoGPT
 name (`--n_layer`, `--learning_rate`, `--eps`, `--max_iters`), mapped to where it lives by
 `FLAT_KEYS`. Unknown keys and values of the wrong type are rejected with a one-line
@@ -16,6 +17,7 @@ import typing
 
 from parallel_gpt.model import GPTConfig, pad_vocab
 from parallel_gpt.optim import AdamHParams
+from parallel_gpt.runtime import ProcessConfig
 
 
 class ConfigError(ValueError):
@@ -26,6 +28,7 @@ class ConfigError(ValueError):
 class TrainConfig:
     model: GPTConfig = dataclasses.field(default_factory=GPTConfig)  # vocab_size comes from the tokenizer
     optim: AdamHParams = dataclasses.field(default_factory=AdamHParams)
+    process: ProcessConfig = dataclasses.field(default_factory=ProcessConfig)
     # data
     dataset: str = "shakespeare"
     batch_size: int = 64  # global batch, split over all devices of all processes
@@ -75,24 +78,29 @@ class TrainConfig:
         unknown = sorted(set(flat) - FLAT_KEYS.keys())
         if unknown:
             raise _unknown_key(unknown[0])
-        groups = {"model": {}, "optim": {}, None: {}}
+        groups = {group: {} for group in _GROUPS}
         for key, value in flat.items():
             groups[FLAT_KEYS[key]][key] = value
         try:
-            return cls(model=GPTConfig(**groups["model"]), optim=AdamHParams(**groups["optim"]), **groups[None])
+            nested = {group: owner(**groups[group]) for group, owner in _GROUPS.items() if group}
+            return cls(**nested, **groups[None])
         except (TypeError, ValueError) as e:  # GPTConfig's and AdamHParams' own checks, or a wrong type
             raise ConfigError(str(e)) from None
 
 
+_GROUPS = {"model": GPTConfig, "optim": AdamHParams, "process": ProcessConfig, None: TrainConfig}
+
+
 def _flat_keys() -> dict[str, str | None]:
-    keys = {f.name: "model" for f in dataclasses.fields(GPTConfig) if f.name != "vocab_size"}
-    keys.update({f.name: "optim" for f in dataclasses.fields(AdamHParams)})
-    own = {f.name: None for f in dataclasses.fields(TrainConfig) if f.name not in ("model", "optim")}
-    assert not keys.keys() & own.keys(), "a flat key names two settings"
-    return {**keys, **own}
+    keys = {}
+    for group, owner in _GROUPS.items():
+        names = [f.name for f in dataclasses.fields(owner) if f.name not in ("vocab_size", *_GROUPS)]
+        assert not keys.keys() & set(names), "a flat key names two settings"
+        keys.update(dict.fromkeys(names, group))
+    return keys
 
 
-FLAT_KEYS = _flat_keys()  # {flat key: "model", "optim" or None (a field of TrainConfig itself)}
+FLAT_KEYS = _flat_keys()  # {flat key: its group in _GROUPS ("model", "optim", "process", or None: TrainConfig's own)}
 
 PRESETS: dict[str, dict] = {
     # nanoGPT's config/train_shakespeare_char.py, for accelerators: the defaults.
@@ -119,9 +127,7 @@ def _unknown_key(key: str) -> ConfigError:
 
 
 def _hint(key: str):
-    group = FLAT_KEYS[key]
-    owner = {"model": GPTConfig, "optim": AdamHParams, None: TrainConfig}[group]
-    return typing.get_type_hints(owner)[key]
+    return typing.get_type_hints(_GROUPS[FLAT_KEYS[key]])[key]
 
 
 def _coerce(key: str, raw: str):
@@ -177,6 +183,15 @@ def parse_overrides(args: list[str]) -> tuple[str | None, dict]:
         else:
             overrides[key] = _coerce(key, raw)
     return preset, overrides
+
+
+def process_config(overrides: dict) -> ProcessConfig:
+    """The process-group settings among `overrides`, alone: the group must form before
+    anything else (even the choice of preset) asks JAX about devices."""
+    try:
+        return ProcessConfig(**{k: v for k, v in overrides.items() if FLAT_KEYS[k] == "process"})
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
 
 
 def make_config(preset: str, overrides: dict) -> TrainConfig:

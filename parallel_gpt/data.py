@@ -69,6 +69,14 @@ class Corpus:
     tokenizer: CharTokenizer
     name: str
 
+    @property
+    def fingerprint(self) -> str:
+        """A digest of the tokens and the tokenizer: processes of one run must agree on it."""
+        h = hashlib.sha256(json.dumps(self.tokenizer.to_json(), sort_keys=True).encode())
+        for split in (self.train, self.val):
+            h.update(np.ascontiguousarray(split).tobytes())
+        return h.hexdigest()
+
 
 # --- the embedded Shakespeare corpus -------------------------------------------------------
 

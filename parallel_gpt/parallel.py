@@ -95,20 +95,33 @@ def loss_and_grads(model, xb, yb, key, grad_accum: int, dtype):
     return jax.tree.map(lambda t: t / grad_accum, total)
 
 
-def step(model, xb, yb, opt_state, *, hp: AdamHParams, seed: int = 0, grad_accum: int = 1, dtype=jnp.float32):
+def step(model, xb, yb, opt_state, stop=None, *, hp: AdamHParams, seed: int = 0, grad_accum: int = 1,
+         dtype=jnp.float32):
     """One data-parallel training step, as seen by one device.
 
     xb, yb: this device's (B / n_devices, T) token ids and targets. Gradients and loss are
     averaged over the device axis, then AdamW (with clipping) updates the replicated state.
     A non-finite loss or gradient norm skips the update: model and optimizer state come
     back unchanged and metrics["nonfinite"] is 1.
+    stop: this device's stop request (a signal number, 0 for none; see `stop_requests`);
+    metrics["stop"] is the largest over all devices of all processes, so a signal that
+    reached one host stops every process at the same step.
     Returns (model, opt_state, metrics); every output is identical on all devices.
     """
     key = dropout_key(seed, opt_state.count) if model.config.dropout > 0 else None
     loss, grads = loss_and_grads(model, xb, yb, key, grad_accum, dtype)
     if lax.axis_size(AXIS) > 1:  # on one device the mean is the identity, but XLA would still copy every gradient
         loss, grads = lax.pmean((loss, grads), AXIS)
-    return guarded_update(model, grads, loss, opt_state, hp)
+    model, opt_state, metrics = guarded_update(model, grads, loss, opt_state, hp)
+    if stop is not None:
+        metrics["stop"] = lax.pmax(stop, AXIS)
+    return model, opt_state, metrics
+
+
+def stop_requests(signum: int, mesh: Mesh) -> jax.Array:
+    """This process's stop request (a signal number, or 0) on each of its devices: `step`'s `stop`."""
+    n_local = len(mesh.local_devices)
+    return jax.make_array_from_process_local_data(NamedSharding(mesh, P(AXIS)), np.full(n_local, signum, np.int32))
 
 
 def dropout_key(seed: int, count):
@@ -124,8 +137,9 @@ def eval_step(model, xb, yb, *, dtype=jnp.float32):
 
 
 def pmap_step(mesh: Mesh, **step_kwargs):
-    """`step` over the devices of `mesh`; model and optimizer state are donated."""
-    return jax.pmap(functools.partial(step, **step_kwargs), axis_name=AXIS, in_axes=(None, 0, 0, None),
+    """`step` over the devices of `mesh`, called as (model, xb, yb, opt_state, stop) with
+    `stop` from `stop_requests`; model and optimizer state are donated."""
+    return jax.pmap(functools.partial(step, **step_kwargs), axis_name=AXIS, in_axes=(None, 0, 0, None, 0),
                     out_axes=None, donate_argnums=(0, 3), devices=list(mesh.devices.flat))
 
 

@@ -23,7 +23,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 
-from parallel_gpt import checkpoint, parallel
+from parallel_gpt import checkpoint, parallel, runtime
 from parallel_gpt.config import ConfigError, TrainConfig
 from parallel_gpt.data import CharTokenizer
 from parallel_gpt.model import GPT, GPTConfig, pad_vocab
@@ -116,18 +116,35 @@ def read_tokenizer(meta: dict, where: str) -> CharTokenizer:
 
 def init_or_resume(tconf: TrainConfig, tokenizer: CharTokenizer, platform: str):
     """(model, opt_state or None, start_step) for `platform` devices: a new model, or the
-    newest valid checkpoint in out_dir, following `init_from`."""
-    has_ckpt = bool(checkpoint.checkpoint_dirs(tconf.out_dir))
+    newest valid checkpoint in out_dir, following `init_from`.
+
+    Process 0 alone reads out_dir and sends the state to the others, so that a run whose
+    processes have separate disks (a TPU pod's workers) resumes too."""
     try:
         config = tconf.model_config(tokenizer.vocab_size).for_platform(platform, jnp.dtype(tconf.dtype))
     except ValueError as e:  # a kernel that cannot run on these devices
         raise ConfigError(str(e)) from None
+    create = lambda: GPT.create(config, key=jax.random.key(tconf.seed))  # noqa: E731
+    template = jax.eval_shape(create)  # shapes only: no initialisation when resuming
+    templates = (template, jax.eval_shape(adam_init, template))
+    loaded = {}
+    step = runtime.on_process_0(_load_newest, tconf, tokenizer, templates, loaded)
+    if step is None:
+        # One compiled initialiser instead of a dispatch (and a compile) per weight matrix.
+        return jax.jit(create)(), None, 0
+    model, opt_state = runtime.broadcast_tree(loaded.get("state"), templates)
+    return model, opt_state, step
+
+
+def _load_newest(tconf: TrainConfig, tokenizer: CharTokenizer, templates, loaded: dict) -> int | None:
+    """Process 0: the step of the checkpoint to resume, its (model, opt_state) put in
+    `loaded["state"]`; or None to start a new run."""
+    has_ckpt = bool(checkpoint.checkpoint_dirs(tconf.out_dir))
     if tconf.init_from == "scratch" or (tconf.init_from == "auto" and not has_ckpt):
         if has_ckpt:
             raise ConfigError(f"out_dir {tconf.out_dir!r} already holds checkpoints: use --init_from=resume "
                               f"to continue them or choose another out_dir")
-        # One compiled initialiser instead of a dispatch (and a compile) per weight matrix.
-        return jax.jit(GPT.create, static_argnums=0)(config, key=jax.random.key(tconf.seed)), None, 0
+        return None
     found = checkpoint.load_latest(tconf.out_dir, report=lambda msg: print0(msg, file=sys.stderr))
     if found is None:
         raise checkpoint.CheckpointError(f"no valid checkpoint to resume in {tconf.out_dir!r}: "
@@ -135,11 +152,10 @@ def init_or_resume(tconf: TrainConfig, tokenizer: CharTokenizer, platform: str):
     arrays, meta = found
     meta = read_meta(meta, f"the checkpoint of step {meta.get('step')} in {tconf.out_dir!r}")
     check_resume(meta, tconf, tokenizer)
-    template = jax.eval_shape(lambda: GPT.create(config, key=jax.random.key(tconf.seed)))  # shapes only
-    model = checkpoint.unflatten(template, "model", arrays)
-    opt_state = checkpoint.unflatten(jax.eval_shape(adam_init, template), "opt", arrays)
+    loaded["state"] = (checkpoint.unflatten(templates[0], "model", arrays),
+                       checkpoint.unflatten(templates[1], "opt", arrays))
     print0(f"resuming from step {meta['step']} in {tconf.out_dir}")
-    return model, opt_state, meta["step"]
+    return meta["step"]
 
 
 def check_resume(meta: dict, tconf: TrainConfig, tokenizer: CharTokenizer):

@@ -1,17 +1,27 @@
-"""Process setup: host settings made before JAX starts, and output from process 0 only.
+"""Process setup: host settings made before JAX starts, the process group of a multi-host
+run, and what keeps its processes in step: agreement checks, broadcasts, a watchdog.
 
-Multi-host initialisation (`jax.distributed`) belongs here too: it must run before any
-other JAX call, like `keep_freed_memory`.
+Order matters: `keep_freed_memory` and `start_processes` (`jax.distributed.initialize`)
+must run before any other JAX call, even `jax.devices()`.
 """
 
 from __future__ import annotations
 
 import ctypes
+import dataclasses
+import hashlib
 import importlib.metadata
 import importlib.util
+import json
+import os
 import platform
+import sys
+import threading
+import time
+import typing
 
 import jax
+import numpy as np
 
 # glibc mallopt(3) parameters.
 _M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8
@@ -59,3 +69,260 @@ def is_main_process() -> bool:
 def print0(*args, **kwargs):
     if is_main_process():
         print(*args, **kwargs, flush=True)
+
+
+# --- the process group ---------------------------------------------------------------------
+
+
+class ProcessSetupError(ValueError):
+    """Process settings that cannot form a group, or processes started differently."""
+
+
+EXIT_PEER = 76  # a process of the group died, was stuck or never joined: rerunning resumes
+
+
+@dataclasses.dataclass(frozen=True)
+class ProcessConfig:
+    """How this process joins a multi-process run (`jax.distributed`).
+
+    None of the three identity settings given: JAX's cluster detection decides (TPU VM
+    pods, SLURM inside `srun`, Open MPI, Kubernetes); outside a cluster the run is one
+    process. `launch/local.py` passes them through JAX_COORDINATOR_ADDRESS (JAX's own
+    variable), JAX_NUM_PROCESSES and JAX_PROCESS_ID.
+    """
+
+    coordinator_address: typing.Optional[str] = None  # host:port of process 0
+    num_processes: typing.Optional[int] = None
+    process_id: typing.Optional[int] = None
+    # JAX's defaults: 300 s for every process to join (TPU pod workers boot minutes apart),
+    # 100 s without heartbeats before a process is declared dead.
+    init_timeout: int = 300
+    heartbeat_timeout: int = 100
+    # A process whose training step, evaluation or checkpoint makes no progress for this
+    # long is stuck (or waits for a stuck peer): every process stops. It bounds the
+    # compilation of the first step and the slowest checkpoint write too.
+    step_timeout: int = 600
+
+    def __post_init__(self):
+        for key in ("init_timeout", "heartbeat_timeout", "step_timeout"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"{key}={getattr(self, key)} must be a positive number of seconds")
+        if self.num_processes is not None and self.num_processes < 1:
+            raise ValueError(f"num_processes={self.num_processes} must be at least 1")
+        if self.process_id is not None and not 0 <= self.process_id < (self.num_processes or sys.maxsize):
+            raise ValueError(f"process_id={self.process_id} must be in [0, num_processes)")
+
+    def resolved(self, environ=os.environ) -> "ProcessConfig":
+        """This config with unset identity settings taken from JAX_COORDINATOR_ADDRESS,
+        JAX_NUM_PROCESSES and JAX_PROCESS_ID."""
+        def env_int(name):
+            raw = environ.get(name)
+            if raw is None:
+                return None
+            try:
+                return int(raw)
+            except ValueError:
+                raise ValueError(f"{name}={raw!r} must be an integer") from None
+        return dataclasses.replace(
+            self, coordinator_address=self.coordinator_address or environ.get("JAX_COORDINATOR_ADDRESS"),
+            num_processes=self.num_processes if self.num_processes is not None else env_int("JAX_NUM_PROCESSES"),
+            process_id=self.process_id if self.process_id is not None else env_int("JAX_PROCESS_ID"))
+
+
+def detected_cluster() -> str | None:
+    """The cluster JAX's `jax.distributed.initialize()` would detect (its own detectors,
+    which find no cluster on a workstation), or None."""
+    from jax._src import clusters  # the detectors `initialize` itself runs; no public API lists them
+
+    return next((env.name for env in clusters.ClusterEnv._cluster_types
+                 if not env.opt_in_only_method and env.is_env_present()), None)
+
+
+def start_processes(conf: ProcessConfig) -> str | None:
+    """Join the process group before any other JAX call; returns how it was formed
+    ("explicit settings", a cluster's name), or None for a single-process run.
+
+    JAX's preemption service is left off: it would install a SIGTERM handler of its own,
+    and `train.StopSignals` agrees on stops across processes inside the training step.
+    A group that does not form within init_timeout ends this process with a ProcessError
+    line before JAX aborts it with a stack trace.
+    """
+    conf = conf.resolved()
+    explicit = (conf.coordinator_address, conf.num_processes, conf.process_id) != (None, None, None)
+    cluster = None if explicit else detected_cluster()
+    if not explicit and cluster is None:
+        return None
+    jax.config.update("jax_enable_preemption_service", False)
+    where = conf.coordinator_address or "the detected coordinator"
+    timer = threading.Timer(conf.init_timeout, exit_now, args=(
+        f"process {conf.process_id if conf.process_id is not None else '?'}: the process group did not form within "
+        f"init_timeout={conf.init_timeout} s ({conf.num_processes or '?'} processes expected at {where}): start "
+        f"every process with the same coordinator address and num_processes, or raise init_timeout",))
+    timer.daemon = True
+    timer.start()
+    try:
+        # JAX's own deadline comes later than ours, so the line above is what the user sees.
+        jax.distributed.initialize(conf.coordinator_address, conf.num_processes, conf.process_id,
+                                   initialization_timeout=conf.init_timeout + 30,
+                                   heartbeat_timeout_seconds=conf.heartbeat_timeout)
+    except (ValueError, TypeError) as e:
+        raise ProcessSetupError(f"cannot join the process group: {e}") from None
+    finally:
+        timer.cancel()
+    return "explicit settings" if explicit else cluster
+
+
+def stop_processes():
+    """Leave the process group (after the final barrier), so that no process outlives it."""
+    if jax.process_count() > 1:
+        jax.distributed.shutdown()
+
+
+def exit_now(line: str, code: int = EXIT_PEER) -> typing.NoReturn:
+    """Print `line` and end this process now, from any thread (a stuck main thread too),
+    skipping JAX's shutdown, which would wait for every other process."""
+    sys.stdout.flush()
+    os.write(sys.stderr.fileno(), f"error: {line}\n".encode())
+    os._exit(code)
+
+
+def lost_peer(error: Exception) -> typing.NoReturn:
+    """End this process after a collective with the other processes failed."""
+    reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    exit_now(f"process {jax.process_index()}: a collective with the other processes failed ({reason[:300]}): "
+             f"a process of the group died or left; rerun to resume from the newest checkpoint")
+
+
+# --- keeping processes in step ---------------------------------------------------------------
+
+
+def check_agreement(values: dict[str, object]):
+    """Raise ProcessSetupError naming every key on which some process holds another value than
+    process 0 (compared by digest; one small all-gather). Every process raises alike."""
+    if jax.process_count() == 1:
+        return
+    from jax.experimental import multihost_utils
+
+    keys = sorted(values)
+    digests = np.array([int.from_bytes(hashlib.sha256(json.dumps(values[k], sort_keys=True).encode()).digest()[:4],
+                                       "little") >> 1 for k in keys], np.int32)
+    gathered = np.asarray(multihost_utils.process_allgather(digests))  # (processes, keys)
+    differ = [f"{k} (process {', '.join(map(str, np.flatnonzero(gathered[:, j] != gathered[0, j])))})"
+              for j, k in enumerate(keys) if (gathered[:, j] != gathered[0, j]).any()]
+    if differ:
+        raise ProcessSetupError(f"processes differ from process 0 in {', '.join(differ)}: start every process "
+                         f"with the same command and data")
+
+
+def on_process_0(fn, *args):
+    """`fn(*args)` on process 0 only, for work on its files; returns its JSON-serialisable
+    result on every process. When it raises, process 0 raises that error and every other
+    process a ProcessSetupError with its message, so all of them stop together."""
+    if jax.process_count() == 1:
+        return fn(*args)
+    outcome, error = None, None
+    if is_main_process():
+        try:
+            outcome = {"result": fn(*args)}
+        except Exception as e:  # noqa: BLE001 -- raised again below, after every process knows
+            outcome, error = {"error": str(e)}, e
+    outcome = broadcast_json(outcome)
+    if error is not None:
+        raise error
+    if "error" in outcome:
+        raise ProcessSetupError(f"process 0 failed: {outcome['error']}")
+    return outcome["result"]
+
+
+def broadcast_json(obj):
+    """Process 0's JSON-serialisable `obj`, on every process."""
+    if jax.process_count() == 1:
+        return obj
+    from jax.experimental import multihost_utils
+
+    data = np.frombuffer(json.dumps(obj).encode(), np.uint8) if is_main_process() else np.zeros(0, np.uint8)
+    size = int(multihost_utils.broadcast_one_to_all(np.int32(data.size)))
+    data = np.pad(data, (0, size - data.size))
+    return json.loads(np.asarray(multihost_utils.broadcast_one_to_all(data)).tobytes())
+
+
+def broadcast_tree(tree, template):
+    """Process 0's `tree` of host arrays, on every process; the others pass None and a
+    `template` of the same structure (shapes and dtypes, e.g. from `jax.eval_shape`)."""
+    if jax.process_count() == 1:
+        return tree
+    from jax.experimental import multihost_utils
+
+    if not is_main_process():
+        tree = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), template)
+    return multihost_utils.broadcast_one_to_all(tree)
+
+
+def barrier(name: str):
+    """Wait until every process reaches `name` (a device all-gather, so it also waits for
+    each process's queued work)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
+class Watchdog:
+    """Ends every process of a multi-process run whose main thread stays in one phase
+    (a step, an evaluation, a checkpoint, a barrier) longer than `timeout` seconds.
+
+    A peer that is alive but stuck never trips JAX's heartbeats, and the others wait for
+    it in a collective forever. The main thread names its phase with `phase()`; a phase
+    that lasts half the timeout is published to JAX's key-value store, so that when the
+    timeout passes each process can say which processes were stuck in their own work and
+    which were only waiting for them.
+    """
+
+    def __init__(self, timeout: float):
+        self.timeout, self.label, self.since = timeout, "starting", time.monotonic()
+        self.slowest, self._step_start = 0.0, None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True, name="watchdog")
+
+    def __enter__(self):
+        if jax.process_count() > 1:
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+
+    def phase(self, label: str, *, step: bool = False):
+        """The main thread enters `label`: "waiting ..." for a wait on the other processes,
+        anything else for this process's own work. `step=True` marks the start of a
+        training step; the time between two such marks is the step time reported."""
+        now = time.monotonic()
+        if step:
+            if self._step_start is not None:
+                self.slowest = max(self.slowest, now - self._step_start)
+            self._step_start = now
+        elif not label.startswith("waiting"):
+            self._step_start = None  # an evaluation or a checkpoint is not a step's time
+        self.label, self.since = label, now
+
+    def _watch(self):
+        from jax._src import distributed  # the key-value store of the process group; no public API
+
+        client = distributed.global_state.client
+        me, published = jax.process_index(), None
+        while not self._stop.wait(min(1.0, self.timeout / 10)):
+            label, since = self.label, self.since
+            stalled = time.monotonic() - since
+            if stalled > self.timeout / 2 and published != (label, since):
+                client.key_value_set(f"parallel_gpt/phase/{me}", label, allow_overwrite=True)
+                published = (label, since)
+            if stalled > self.timeout:
+                exit_now(self._verdict(client, me, label, stalled))
+
+    def _verdict(self, client, me: int, label: str, stalled: float) -> str:
+        phases = {int(k.rsplit("/", 1)[1]): v for k, v in client.key_value_dir_get("parallel_gpt/phase/")}
+        working = [p for p in range(jax.process_count()) if not phases.get(p, "").startswith("waiting")]
+        culprits = ", ".join(f"process {p} ({phases.get(p, 'no report')})" for p in working) or "none in its own work"
+        return (f"process {me}: no progress for {stalled:.0f} s in {label} (step_timeout={self.timeout:g} s, slowest "
+                f"step so far {self.slowest:.2f} s); stuck: {culprits}; stopping: rerun to resume from the newest "
+                f"checkpoint, or raise step_timeout if the work is merely slow")
