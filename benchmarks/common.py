@@ -58,16 +58,18 @@ def synthetic_loader(vocab_size: int, block_size: int, batch_size: int) -> DataL
 
 
 class Runner:
-    """One compiled step with its own state; batches are numbered on from where it stopped."""
+    """One compiled step with its own state; batches are numbered on from where it stopped.
+    `extra`: arguments after the optimizer state (the pmapped step's `stop` input)."""
 
-    def __init__(self, step_fn, model, opt_state, place):
+    def __init__(self, step_fn, model, opt_state, place, extra=()):
         self.step_fn, self.state, self.place, self.next_batch = step_fn, (model, opt_state), place, 0
+        self.extra = extra
 
     def compile(self) -> float:
         """Seconds to trace, lower and compile the step ahead of time."""
         model, opt_state = self.state
         t = time.perf_counter()
-        self.step_fn.lower(model, *self.place(0), opt_state).compile()
+        self.step_fn.lower(model, *self.place(0), opt_state, *self.extra).compile()
         return time.perf_counter() - t
 
     def run(self, n: int) -> float:
@@ -76,7 +78,7 @@ class Runner:
         jax.block_until_ready((self.state, batch))
         t = time.perf_counter()
         for i in range(self.next_batch, self.next_batch + n):
-            model, opt_state, _ = self.step_fn(self.state[0], *batch, self.state[1])
+            model, opt_state, _ = self.step_fn(self.state[0], *batch, self.state[1], *self.extra)
             self.state = (model, opt_state)
             batch = self.place(i + 1)
         jax.block_until_ready(self.state)

@@ -245,7 +245,8 @@ def compare(shape: tuple[int, ...], args) -> dict:
             model = parallel.replicate(jax_model, mesh)  # may share jax_model's buffers, which the step donates
             runners = {"ours (JAX pmap, 1 device)": Runner(
                 parallel.pmap_step(mesh, hp=hp), model, parallel.replicate(adam_init(model), mesh),
-                lambda s: tuple(parallel.shard_batch(a, mesh) for a in loader.batch(s)))}
+                lambda s: tuple(parallel.shard_batch(a, mesh) for a in loader.batch(s)),
+                extra=(parallel.stop_requests(0, mesh),))}
             runners.update((name, RemoteRunner(worker, name)) for name in hello["steps"])
             first_step = {name: r.run(1) for name, r in runners.items()}
             for r in runners.values():

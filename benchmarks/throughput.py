@@ -112,7 +112,8 @@ def measure_point(args, n_devices: int, global_batch: int) -> dict:
     model = parallel.replicate(fresh(), mesh)
     params, flops_per_token = model.num_params(), model.flops_per_token()
     runners = {"pmap": Runner(parallel.pmap_step(mesh, hp=hp, dtype=dtype, grad_accum=args.grad_accum),
-                              model, parallel.replicate(adam_init(model), mesh), place)}
+                              model, parallel.replicate(adam_init(model), mesh), place,
+                              extra=(parallel.stop_requests(0, mesh),))}
     compile_s = {"pmap": runners["pmap"].compile()}
     runners["pmap"].run(args.warmup)
     # Read before any other state exists: the counter is a high-water mark for the process.

@@ -32,11 +32,10 @@ def free_port() -> int:
 
 def process_env(base: dict, process_id: int, num_processes: int, port: int, devices: int | None) -> dict:
     """The environment of process `process_id` of the group."""
-    env = {**base, "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}", "JAX_NUM_PROCESSES": str(num_processes),
-           "JAX_PROCESS_ID": str(process_id), "PYTHONUNBUFFERED": "1"}
-    # The group talks over 127.0.0.1: a proxy in the environment must not carry it.
-    for name in ("no_proxy", "NO_PROXY"):
-        env[name] = ",".join(filter(None, [base.get(name), "127.0.0.1", "localhost"]))
+    # The group talks over 127.0.0.1: proxy settings must not reach it (gRPC would use them).
+    env = {k: v for k, v in base.items() if "_proxy" not in k.lower()}
+    env.update(JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES=str(num_processes),
+               JAX_PROCESS_ID=str(process_id), PYTHONUNBUFFERED="1")
     if devices is not None:
         env["JAX_NUM_CPU_DEVICES"] = str(devices)
         env["JAX_LOCAL_DEVICE_IDS"] = ",".join(str(process_id * devices + i) for i in range(devices))

@@ -114,7 +114,7 @@ def step(model, xb, yb, opt_state, stop=None, *, hp: AdamHParams, seed: int = 0,
         loss, grads = lax.pmean((loss, grads), AXIS)
     model, opt_state, metrics = guarded_update(model, grads, loss, opt_state, hp)
     if stop is not None:
-        metrics["stop"] = lax.pmax(stop, AXIS)
+        metrics["stop"] = lax.pmax(stop, AXIS) if lax.axis_size(AXIS) > 1 else stop
     return model, opt_state, metrics
 
 

@@ -15,6 +15,7 @@ import importlib.util
 import json
 import os
 import platform
+import subprocess
 import sys
 import threading
 import time
@@ -22,6 +23,8 @@ import typing
 
 import jax
 import numpy as np
+
+from parallel_gpt import fatal_filter
 
 # glibc mallopt(3) parameters.
 _M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8
@@ -140,7 +143,8 @@ def detected_cluster() -> str | None:
 
 def start_processes(conf: ProcessConfig) -> str | None:
     """Join the process group before any other JAX call; returns how it was formed
-    ("explicit settings", a cluster's name), or None for a single-process run.
+    ("coordinator HOST:PORT", or the name of the cluster JAX detected), or None for a
+    single-process run.
 
     JAX's preemption service is left off: it would install a SIGTERM handler of its own,
     and `train.StopSignals` agrees on stops across processes inside the training step.
@@ -153,6 +157,7 @@ def start_processes(conf: ProcessConfig) -> str | None:
     if not explicit and cluster is None:
         return None
     jax.config.update("jax_enable_preemption_service", False)
+    _filter_fatal_log()
     where = conf.coordinator_address or "the detected coordinator"
     timer = threading.Timer(conf.init_timeout, exit_now, args=(
         f"process {conf.process_id if conf.process_id is not None else '?'}: the process group did not form within "
@@ -169,7 +174,17 @@ def start_processes(conf: ProcessConfig) -> str | None:
         raise ProcessSetupError(f"cannot join the process group: {e}") from None
     finally:
         timer.cancel()
-    return "explicit settings" if explicit else cluster
+    os.write(sys.stderr.fileno(), f"{fatal_filter.MARKER}{jax.process_index()}\n".encode())
+    return f"coordinator {conf.coordinator_address}" if conf.coordinator_address else cluster
+
+
+def _filter_fatal_log():
+    """Route this process's stderr through `fatal_filter` (see there for why)."""
+    sys.stderr.flush()
+    child = subprocess.Popen([sys.executable, "-m", "parallel_gpt.fatal_filter"], stdin=subprocess.PIPE,
+                             start_new_session=True)  # a terminal's Ctrl-C is the trainer's to handle
+    os.dup2(child.stdin.fileno(), sys.stderr.fileno())
+    child.stdin.close()
 
 
 def stop_processes():

@@ -115,7 +115,9 @@ def train(model: GPT, dataloader: DataLoader, tconf: TrainConfig, *, mesh: Mesh 
     reporter = Reporter(Path(tconf.out_dir), start_step, tconf.max_iters, tokens_per_step, model.flops_per_token(),
                         perf.peak_flops(mesh.devices.flat, tconf.dtype))
     nonfinite = NonFiniteCounter(tconf.max_nonfinite)
-    print0(f"{model.num_params() / 1e6:.2f}M parameters, {mesh.size} {mesh.devices.flat[0].platform} device(s), "
+    processes = f" in {jax.process_count()} processes" if jax.process_count() > 1 else ""
+    print0(f"{model.num_params() / 1e6:.2f}M parameters, {mesh.size} {mesh.devices.flat[0].platform} device(s)"
+           f"{processes}, "
            f"{tokens_per_step:,} tokens per step, steps {start_step} -> {tconf.max_iters}")
 
     stop_requests = {}  # signal number -> its `stop` input, placed once
@@ -171,7 +173,9 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:
         preset, overrides = parse_overrides(argv)
-        runtime.start_processes(process_config(overrides))  # before any other JAX call
+        group = runtime.start_processes(process_config(overrides))  # before any other JAX call
+        if group:
+            print0(f"{jax.process_count()} processes ({group})")
         tconf = make_config(preset or default_preset(jax.default_backend()), overrides)
         corpus = load_corpus(tconf.dataset)
         # The mesh, once: a bad device layout fails here, before out_dir is touched.

@@ -27,9 +27,10 @@ def run(n_devices, n_steps=20, config=CFG, hp=HP, data=None, **kw):
     model = parallel.replicate(GPT.create(config, key=jax.random.key(0)), mesh)
     opt = parallel.replicate(adam_init(model), mesh)
     pstep = parallel.pmap_step(mesh, hp=hp, **kw)
+    no_stop = parallel.stop_requests(0, mesh)
     losses = []
     for x, y in data if data is not None else batches(n_steps):
-        model, opt, metrics = pstep(model, parallel.shard_batch(x, mesh), parallel.shard_batch(y, mesh), opt)
+        model, opt, metrics = pstep(model, parallel.shard_batch(x, mesh), parallel.shard_batch(y, mesh), opt, no_stop)
         losses.append(float(metrics["loss"]))
     return model, opt, np.array(losses), mesh
 
@@ -107,7 +108,8 @@ def test_nonfinite_gradient_skips_the_update():
     before = [np.asarray(a) for a in jax.tree.leaves((bad, opt))]
     x, y = next(batches(1))
     pstep = parallel.pmap_step(mesh, hp=HP)
-    new, new_opt, metrics = pstep(bad, parallel.shard_batch(x, mesh), parallel.shard_batch(y, mesh), opt)
+    new, new_opt, metrics = pstep(bad, parallel.shard_batch(x, mesh), parallel.shard_batch(y, mesh), opt,
+                                  parallel.stop_requests(0, mesh))
     assert int(metrics["nonfinite"]) == 1 and int(new_opt.count) == 0
     for a, b in zip(before, jax.tree.leaves((new, new_opt))):
         np.testing.assert_array_equal(a, np.asarray(b))

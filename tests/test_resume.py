@@ -118,11 +118,13 @@ def test_killed_run_resumes_exactly_on_one_device(tmp_path, reference_one_device
 
 
 @pytest.mark.parametrize("fault, devices, saved", [
-    ("step_17:SIGTERM", 1, 17),  # while step 17 runs
-    ("step_17:SIGTERM", 8, 17),
-    ("fetch_17:SIGTERM", 8, 18),  # while the host waits for step 17's metrics: acted on at step 18
-    ("eval_20:SIGTERM", 8, 21),  # during an evaluation
-    ("save_00000020_arrays:SIGTERM", 8, 21),  # while a checkpoint is written
+    # The request goes into the next step dispatched, and the stop agreed in a step is
+    # acted on after the next: a signal while step s runs saves step s + 2.
+    ("step_17:SIGTERM", 1, 19),  # while step 17 runs
+    ("step_17:SIGTERM", 8, 19),
+    ("fetch_17:SIGTERM", 8, 19),  # while the host waits for step 17's metrics
+    ("eval_20:SIGTERM", 8, 22),  # during an evaluation
+    ("save_00000020_arrays:SIGTERM", 8, 22),  # while a checkpoint is written
 ])
 def test_sigterm_anywhere_in_the_loop_saves_the_step_it_reports(tmp_path, reference, reference_one_device, fault,
                                                                  devices, saved):
