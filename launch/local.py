@@ -8,8 +8,10 @@ and JAX_PROCESS_ID, which `parallel_gpt.runtime.start_processes` reads; with
 --devices_per_process, JAX_NUM_CPU_DEVICES (CPU devices per process) and
 JAX_LOCAL_DEVICE_IDS (the process's share of this machine's GPUs). Every line of output
 is prefixed with its process id. SIGTERM and SIGINT are forwarded to every process. When
-one process fails, the others get SIGTERM, then SIGKILL after --grace seconds; the exit
-code is the first non-zero one (0 when all succeed).
+one process fails, the others get SIGTERM, then SIGKILL after --grace seconds (a process
+that exits 75, interrupted after a checkpoint, gets no SIGTERM sent after it: the others
+stop at the same step by themselves). The exit code is the first non-zero one (0 when
+all succeed).
 """
 
 from __future__ import annotations
@@ -53,7 +55,7 @@ class Group:
     """The child processes, their output pumps, and the signals forwarded to them."""
 
     def __init__(self, command: list[str], num_processes: int, devices: int | None, port: int):
-        self.children = []
+        self.children, self.signalled = [], False
         self.pumps = []
         for i in range(num_processes):
             child = subprocess.Popen(command, env=process_env(os.environ, i, num_processes, port, devices),
@@ -63,6 +65,10 @@ class Group:
                 pump = threading.Thread(target=_pump, args=(stream, f"[p{i}] ", out), daemon=True)
                 pump.start()
                 self.pumps.append(pump)
+
+    def forward(self, signum: int):
+        self.signalled = True
+        self.signal(signum)
 
     def signal(self, signum: int):
         for child in self.children:
@@ -77,9 +83,10 @@ class Group:
                 code = child.poll()
                 if code and not first:
                     first = code if code > 0 else 128 - code  # killed by a signal: the shell's convention
-                    print(f"[launch] process {i} exited with code {first}: stopping the others", file=sys.stderr)
-                    self.signal(signal.SIGTERM)
                     deadline = time.monotonic() + grace
+                    if first != 75 and not self.signalled:  # a second SIGTERM would end them without saving
+                        print(f"[launch] process {i} exited with code {first}: stopping the others", file=sys.stderr)
+                        self.signal(signal.SIGTERM)
             if deadline is not None and time.monotonic() > deadline:
                 self.signal(signal.SIGKILL)
             time.sleep(0.1)
@@ -112,7 +119,7 @@ def main(argv=None) -> int:
         return 2
     group = Group(command, args.num_processes, args.devices_per_process, args.port or free_port())
     for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, lambda s, _: group.signal(s))
+        signal.signal(signum, lambda s, _: group.forward(s))
     return group.wait(args.grace)
 
 

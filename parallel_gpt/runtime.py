@@ -316,7 +316,7 @@ class Watchdog:
             if self._step_start is not None:
                 self.slowest = max(self.slowest, now - self._step_start)
             self._step_start = now
-        elif not label.startswith("waiting"):
+        elif not label.startswith(("waiting for step", "waiting for the metrics")):
             self._step_start = None  # an evaluation or a checkpoint is not a step's time
         self.label, self.since = label, now
 
