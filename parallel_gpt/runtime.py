@@ -148,8 +148,8 @@ def start_processes(conf: ProcessConfig) -> str | None:
 
     JAX's preemption service is left off: it would install a SIGTERM handler of its own,
     and `train.StopSignals` agrees on stops across processes inside the training step.
-    A group that does not form within init_timeout ends this process with a ProcessError
-    line before JAX aborts it with a stack trace.
+    A group that does not form within init_timeout ends this process with one line (exit
+    code 76) before JAX aborts it with a stack trace.
     """
     conf = conf.resolved()
     explicit = (conf.coordinator_address, conf.num_processes, conf.process_id) != (None, None, None)
@@ -195,8 +195,8 @@ def stop_processes():
 
 def exit_now(line: str, code: int = EXIT_PEER) -> typing.NoReturn:
     """Print `line` and end this process now, from any thread (a stuck main thread too),
-    skipping JAX's shutdown, which would wait for every other process."""
-    sys.stdout.flush()
+    skipping JAX's shutdown, which would wait for every other process. (No flush of
+    sys.stdout: a main thread stuck in a write holds its lock; print0 flushes anyway.)"""
     os.write(sys.stderr.fileno(), f"error: {line}\n".encode())
     os._exit(code)
 
