@@ -13,7 +13,8 @@ import time
 import jax
 import numpy as np
 
-from parallel_gpt.data import CharTokenizer, Corpus, DataLoader
+from parallel_gpt.data import Corpus, DataLoader
+from parallel_gpt.tokenizers import CharTokenizer
 from parallel_gpt.model import GPTConfig, pad_vocab
 
 SYNTHETIC_TOKENS = 1 << 20  # train split length: 1M random ids, ~2 MB, made in milliseconds
@@ -54,7 +55,7 @@ def synthetic_loader(vocab_size: int, block_size: int, batch_size: int) -> DataL
     train = rng.integers(0, vocab_size, SYNTHETIC_TOKENS, dtype=np.uint16)
     val = rng.integers(0, vocab_size, block_size + 1, dtype=np.uint16)
     tokenizer = CharTokenizer("".join(map(chr, range(vocab_size))))  # never used to encode or decode
-    return DataLoader(Corpus(train, val, tokenizer, "synthetic"), block_size, batch_size, seed=0)
+    return DataLoader(Corpus(train, val, tokenizer, "synthetic", "synthetic"), block_size, batch_size, seed=0)
 
 
 class Runner:

@@ -15,12 +15,12 @@ import json
 import os
 import re
 import shutil
-import signal
-import threading
 from pathlib import Path
 
 import jax
 import numpy as np
+
+from parallel_gpt.faults import fault_point
 
 ARRAYS, META = "arrays.npz", "meta.json"
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
@@ -28,26 +28,6 @@ _STEP_DIR = re.compile(r"^step_(\d{8})$")
 
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be written or read; the message says which and why."""
-
-
-def fault_point(name: str):
-    """Test hook: with PARALLEL_GPT_FAULT="[p<process>/]<name>:<ACTION>[*count]" the process
-    acts at this point, so tests can kill, interrupt or stall a run at an exact place
-    (e.g. "save_00000010_arrays:SIGKILL", "step_7:SIGTERM*2", "p1/step_5:HANG"). ACTION
-    is a signal sent to itself, or HANG: the main thread sleeps for good (a stuck process).
-    With a p<process>/ prefix only that process of the group acts. Unset, it does nothing."""
-    spec = os.environ.get("PARALLEL_GPT_FAULT")
-    if not spec:
-        return
-    where, _, action = spec.partition(":")
-    process, _, point = where.rpartition("/")
-    if point != name or (process and process != f"p{jax.process_index()}"):
-        return
-    action, _, count = action.partition("*")
-    if action == "HANG":
-        threading.Event().wait()
-    for _ in range(int(count or 1)):
-        os.kill(os.getpid(), getattr(signal, action))
 
 
 def _name(path) -> str:

@@ -18,6 +18,7 @@ import typing
 from parallel_gpt.model import GPTConfig, pad_vocab
 from parallel_gpt.optim import AdamHParams
 from parallel_gpt.runtime import ProcessConfig
+from parallel_gpt.tokenizers import TOKENIZERS
 
 
 class ConfigError(ValueError):
@@ -30,7 +31,8 @@ class TrainConfig:
     optim: AdamHParams = dataclasses.field(default_factory=AdamHParams)
     process: ProcessConfig = dataclasses.field(default_factory=ProcessConfig)
     # data
-    dataset: str = "shakespeare"
+    dataset: str = "shakespeare"  # the embedded corpus, a UTF-8 text file, or a directory made by prepare
+    tokenizer: typing.Optional[str] = None  # char or gpt2; None: a prepared directory's own, else char
     batch_size: int = 64  # global batch, split over all devices of all processes
     seed: int = 1337
     # run length, evaluation, logging, checkpoints
@@ -61,6 +63,8 @@ class TrainConfig:
             raise ConfigError(f"sample_tokens={self.sample_tokens} must be >= 0")
         if self.init_from not in ("auto", "scratch", "resume"):
             raise ConfigError(f"init_from={self.init_from!r}: use auto, scratch or resume")
+        if self.tokenizer not in (None, *TOKENIZERS):
+            raise ConfigError(f"tokenizer={self.tokenizer!r}: use {' or '.join(TOKENIZERS)}")
         if self.dtype not in ("float32", "bfloat16"):
             raise ConfigError(f"dtype={self.dtype!r}: use float32 or bfloat16")
 

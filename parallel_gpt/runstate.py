@@ -25,7 +25,7 @@ import jax.numpy as jnp
 
 from parallel_gpt import checkpoint, parallel, runtime
 from parallel_gpt.config import ConfigError, TrainConfig
-from parallel_gpt.data import CharTokenizer
+from parallel_gpt import tokenizers
 from parallel_gpt.model import GPT, GPTConfig, pad_vocab
 from parallel_gpt.optim import AdamState, adam_init
 from parallel_gpt.runtime import is_main_process, print0
@@ -107,14 +107,14 @@ def _has_type(value, hint) -> bool:
     return any(t is not bool and isinstance(value, t) for t in allowed) or (float in allowed and isinstance(value, int))
 
 
-def read_tokenizer(meta: dict, where: str) -> CharTokenizer:
-    tok = meta["tokenizer"]
-    if tok.get("type") != "char" or not isinstance(tok.get("chars"), str):
-        raise checkpoint.CheckpointError(f"{where} has a tokenizer this version does not know ({tok.get('type')!r})")
-    return CharTokenizer.from_json(tok)
+def read_tokenizer(meta: dict, where: str):
+    try:
+        return tokenizers.from_json(meta["tokenizer"])
+    except tokenizers.DataError as e:
+        raise checkpoint.CheckpointError(f"{where} has {e}") from None
 
 
-def init_or_resume(tconf: TrainConfig, tokenizer: CharTokenizer, platform: str):
+def init_or_resume(tconf: TrainConfig, tokenizer, platform: str):
     """(model, opt_state or None, start_step) for `platform` devices: a new model, or the
     newest valid checkpoint in out_dir, following `init_from`.
 
@@ -136,7 +136,7 @@ def init_or_resume(tconf: TrainConfig, tokenizer: CharTokenizer, platform: str):
     return model, opt_state, step
 
 
-def _load_newest(tconf: TrainConfig, tokenizer: CharTokenizer, templates, loaded: dict) -> int | None:
+def _load_newest(tconf: TrainConfig, tokenizer, templates, loaded: dict) -> int | None:
     """Process 0: the step of the checkpoint to resume, its (model, opt_state) put in
     `loaded["state"]`; or None to start a new run."""
     has_ckpt = bool(checkpoint.checkpoint_dirs(tconf.out_dir))
@@ -158,12 +158,14 @@ def _load_newest(tconf: TrainConfig, tokenizer: CharTokenizer, templates, loaded
     return meta["step"]
 
 
-def check_resume(meta: dict, tconf: TrainConfig, tokenizer: CharTokenizer):
+def check_resume(meta: dict, tconf: TrainConfig, tokenizer):
     """ConfigError listing what forbids resuming `meta`'s run with `tconf`; prints what else changed."""
     old, new = meta["train"], tconf.to_flat()
     changed = [k for k, v in new.items() if k in old and old[k] != v and k not in _RUN_CONTROL]
     forbidden = [f"{k} ({old[k]!r} -> {new[k]!r})" for k in changed if k in FIXED_ON_RESUME]
-    if meta["tokenizer"] != tokenizer.to_json():
+    if meta["tokenizer"].get("type") != tokenizer.to_json()["type"]:
+        forbidden.append(f"tokenizer ({meta['tokenizer'].get('type')!r} -> {tokenizer.to_json()['type']!r})")
+    elif meta["tokenizer"] != tokenizer.to_json():
         forbidden.append("vocabulary")
     if meta["rng"].get("version") != parallel.RNG_VERSION:
         forbidden.append(f"dropout RNG derivation (version {meta['rng'].get('version')!r} -> {parallel.RNG_VERSION})")

@@ -27,7 +27,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from parallel_gpt import checkpoint, parallel, perf, runstate, runtime
-from parallel_gpt.checkpoint import fault_point
+from parallel_gpt.faults import fault_point
 from parallel_gpt.config import (ConfigError, TrainConfig, default_preset, make_config, parse_overrides,
                                  process_config)
 from parallel_gpt.data import DataError, DataLoader, load_corpus
@@ -177,7 +177,7 @@ def main(argv=None) -> int:
         if group:
             print0(f"{jax.process_count()} processes ({group})")
         tconf = make_config(preset or default_preset(jax.default_backend()), overrides)
-        corpus = load_corpus(tconf.dataset)
+        corpus = load_corpus(tconf.dataset, tconf.tokenizer)
         # The mesh, once: a bad device layout fails here, before out_dir is touched.
         mesh = parallel.make_layout(tconf.batch_size, tconf.grad_accum, tconf.devices)
         settings = {k: v for k, v in tconf.to_flat().items() if k != "process_id"}

@@ -1,10 +1,11 @@
-import json
+import dataclasses
 
 import numpy as np
 import pytest
 
-from parallel_gpt.data import (VAL_PLAYS, CharTokenizer, DataError, DataLoader, load_corpus, markdown_play_to_text,
-                               shakespeare_plays)
+from parallel_gpt import prepare
+from parallel_gpt.data import VAL_PLAYS, DataLoader, load_corpus, markdown_play_to_text, shakespeare_plays
+from parallel_gpt.tokenizers import DataError
 
 PLAY = """# Hamlet
 
@@ -41,37 +42,35 @@ def test_markdown_to_plain_speeches():
     )
 
 
-def test_tokenizer_round_trip_and_json():
-    tok = CharTokenizer.from_text("hello world\n")
-    ids = tok.encode("world hello")
-    assert ids.dtype == np.uint16 and tok.decode(ids) == "world hello"
-    assert CharTokenizer.from_json(json.loads(json.dumps(tok.to_json()))) == tok
-    with pytest.raises(DataError, match=r"not in the vocabulary: 'QZ'"):
-        tok.encode("Zero Q")
-
-
 def test_shakespeare_corpus_holds_out_whole_plays(cache_dir):
     plays = shakespeare_plays()
     assert len(plays) >= 37 and set(VAL_PLAYS) <= set(plays)
-    corpus = load_corpus("shakespeare", cache_dir)
+    corpus = load_corpus("shakespeare", cache_dir=cache_dir)
     text_val = corpus.tokenizer.decode(corpus.val[:2000])
     assert corpus.train.dtype == np.uint16 and corpus.train.size > 3_000_000
     assert 0.08 < corpus.val.size / (corpus.train.size + corpus.val.size) < 0.16
     assert ":\n" in text_val and "**" not in text_val and "_" not in text_val
     assert "HAMLET:" not in corpus.tokenizer.decode(corpus.train)  # a held-out play's hero
-    meta = json.loads((cache_dir / "shakespeare" / "meta.json").read_text())
-    assert meta["train_tokens"] == corpus.train.size
-    again = load_corpus("shakespeare", cache_dir)  # read back from the uint16 cache
+    assert isinstance(corpus.train, np.memmap)
+    again = load_corpus("shakespeare", cache_dir=cache_dir)  # read back from the cache
     np.testing.assert_array_equal(again.train, corpus.train)
+    assert again.fingerprint == corpus.fingerprint
+
+
+def test_shakespeare_in_gpt2_tokens(cache_dir):
+    corpus = load_corpus("shakespeare", "gpt2", cache_dir=cache_dir)
+    assert corpus.tokenizer.to_json() == {"type": "gpt2"} and corpus.train.dtype == np.uint16
+    assert corpus.tokenizer.decode(corpus.train[:6]).startswith(corpus.tokenizer.decode(corpus.train[:3]))
+    assert 0.2 < corpus.train.size / load_corpus("shakespeare", cache_dir=cache_dir).train.size < 0.4
 
 
 def test_text_file_dataset_and_cache_invalidation(tmp_path):
     path = tmp_path / "t.txt"
     path.write_text("abcdefghij" * 100)
-    corpus = load_corpus(str(path), tmp_path / "cache")
+    corpus = load_corpus(str(path), cache_dir=tmp_path / "cache")
     assert corpus.train.size == 900 and corpus.val.size == 100
     path.write_text("xyz" * 500)  # a changed file is encoded again
-    corpus = load_corpus(str(path), tmp_path / "cache")
+    corpus = load_corpus(str(path), cache_dir=tmp_path / "cache")
     assert corpus.tokenizer.chars == "xyz" and corpus.train.size + corpus.val.size == 1500
 
 
@@ -85,13 +84,13 @@ def test_bad_dataset_files(tmp_path, content, message):
     if content is not None:
         path.write_bytes(content)
     with pytest.raises(DataError, match=message):
-        load_corpus(str(path), tmp_path / "cache")
+        load_corpus(str(path), cache_dir=tmp_path / "cache")
 
 
 def _corpus(tmp_path, n=5000):
     path = tmp_path / "t.txt"
     path.write_text("".join(chr(97 + (i * 7) % 26) for i in range(n)))
-    return load_corpus(str(path), tmp_path / "cache")
+    return load_corpus(str(path), cache_dir=tmp_path / "cache")
 
 
 def test_split_shorter_than_a_block_is_rejected(tmp_path):
@@ -118,3 +117,19 @@ def test_processes_take_disjoint_rows_of_the_same_global_batch(tmp_path):
     full = DataLoader(corpus, 16, 8, seed=0).batch(3)[0]
     parts = [DataLoader(corpus, 16, 8, seed=0, process_index=p, process_count=4).batch(3)[0] for p in range(4)]
     np.testing.assert_array_equal(np.concatenate(parts), full)
+
+
+def test_a_prepared_directory_loads_through_memory_maps_and_batches_like_an_array(tmp_path):
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    for i in range(20):
+        (docs / f"{i:02d}.txt").write_text(f"Document {i}: " + "the quick brown fox jumps. " * (50 + i))
+    prepare.prepare([str(docs)], str(tmp_path / "prepared"), "gpt2", val_fraction=0.2, seed=1)
+    corpus = load_corpus(str(tmp_path / "prepared"))
+    assert isinstance(corpus.train, np.memmap) and corpus.tokenizer.eot == 50256
+    in_memory = dataclasses.replace(corpus, train=np.array(corpus.train), val=np.array(corpus.val))
+    for step in (0, 5):
+        for a, b in zip(DataLoader(corpus, 32, 8, seed=0).batch(step), DataLoader(in_memory, 32, 8, seed=0).batch(step)):
+            np.testing.assert_array_equal(a, b)
+    with pytest.raises(DataError, match="holds gpt2 tokens, not char"):
+        load_corpus(str(tmp_path / "prepared"), "char")

@@ -2,7 +2,7 @@
 collectives, 2 processes x 2 simulated devices against 1 process x 4 devices.
 
 Faults land at exact places through PARALLEL_GPT_FAULT with a process prefix
-("p1/step_12:SIGTERM", see checkpoint.fault_point); no test sleeps and hopes. Every
+("p1/step_12:SIGTERM", see faults.fault_point); no test sleeps and hopes. Every
 process has a timeout, so a hang fails the test instead of the suite.
 """
 

@@ -1,6 +1,6 @@
 """Kills, preemption, corrupt checkpoints, non-finite updates and mismatched resumes.
 
-Faults are injected at exact places through PARALLEL_GPT_FAULT (see checkpoint.fault_point),
+Faults are injected at exact places through PARALLEL_GPT_FAULT (see faults.fault_point),
 so no test sleeps and hopes."""
 
 import json

@@ -73,17 +73,17 @@ def test_no_cluster_here_means_one_process():
 
 
 def test_a_process_prefixed_fault_acts_only_in_that_process(monkeypatch):
-    from parallel_gpt import checkpoint
+    from parallel_gpt import faults
 
     monkeypatch.setenv("PARALLEL_GPT_FAULT", "p1/step_3:SIGKILL")
-    checkpoint.fault_point("step_3")  # this is process 0: nothing happens
+    faults.fault_point("step_3")  # this is process 0: nothing happens
     monkeypatch.setenv("PARALLEL_GPT_FAULT", "p0/step_3:SIGUSR1")
     received = []
     old = signal.signal(signal.SIGUSR1, lambda *_: received.append(1))
     try:
-        checkpoint.fault_point("step_4")
+        faults.fault_point("step_4")
         assert not received
-        checkpoint.fault_point("step_3")
+        faults.fault_point("step_3")
         assert received == [1]
     finally:
         signal.signal(signal.SIGUSR1, old)

@@ -166,3 +166,44 @@ def test_a_format_1_checkpoint_still_samples_and_resumes(trained, tmp_path, caps
     assert evaluate.generate(model, tokenizer, "KING", max_new_tokens=5).startswith("KING")
     assert train.main([*TINY, f"--out_dir={tmp_path}", "--max_iters=22", "--sample_tokens=0"]) == 0
     assert "resuming from step 20" in capsys.readouterr().out
+
+
+@pytest.fixture(scope="module")
+def bpe_dataset(tmp_path_factory):
+    """A small prepared GPT-2 BPE dataset (20 documents)."""
+    from parallel_gpt import prepare
+
+    root = tmp_path_factory.mktemp("bpe")
+    for i in range(20):
+        (root / f"doc{i:02d}.txt").write_text(f"Chapter {i}.\n" + "It was the best of times, it was the worst. " * 40)
+    prepare.prepare([str(root)], str(root / "prepared"), "gpt2", val_fraction=0.2, seed=0)
+    return root / "prepared"
+
+
+def test_training_on_prepared_bpe_tokens_is_the_same_on_1_and_8_devices(bpe_dataset, tmp_path):
+    losses = {}
+    for devices in (1, 8):
+        out = tmp_path / f"d{devices}"
+        result = run_cli("train", *TINY, f"--dataset={bpe_dataset}", "--max_iters=6", "--log_interval=1",
+                         "--sample_tokens=0", f"--out_dir={out}",
+                         env={"XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"})
+        assert result.returncode == 0, result.stderr
+        losses[devices] = [r["loss"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
+                           if "loss" in r]
+        meta = json.loads(sorted((out / "checkpoints").iterdir())[-1].joinpath("meta.json").read_text())
+        assert meta["tokenizer"] == {"type": "gpt2"} and meta["model"]["vocab_size"] == 50304
+    assert len(losses[1]) == 6 and math.isclose(losses[1][0], math.log(50257), rel_tol=0.05)
+    for a, b in zip(losses[1], losses[8]):
+        assert math.isclose(a, b, rel_tol=1e-5)
+    sample = run_cli("evaluate", f"--out_dir={tmp_path / 'd1'}", "--prompt", "It was the 日本 best",
+                     "--max_new_tokens=5")
+    assert sample.returncode == 0 and sample.stdout.startswith("It was the 日本 best"), sample.stderr
+
+
+def test_resuming_with_another_tokenizer_is_refused(bpe_dataset, tmp_path, cache_dir):
+    out = tmp_path / "run"
+    first = run_cli("train", *TINY, "--max_iters=2", "--sample_tokens=0", f"--out_dir={out}")
+    assert first.returncode == 0, first.stderr
+    again = run_cli("train", *TINY, "--max_iters=4", "--sample_tokens=0", "--tokenizer=gpt2", f"--out_dir={out}")
+    assert again.returncode == 2 and again.stderr.count("\n") == 1, again.stderr
+    assert "cannot resume: the checkpoint differs in tokenizer ('char' -> 'gpt2')" in again.stderr

@@ -1,0 +1,124 @@
+"""Tokenizers behind one small interface: characters, and GPT-2's byte-pair encoding.
+
+Both have `encode(text) -> ids`, `decode(ids) -> text`, `vocab_size`, `eot` (the
+end-of-text id that separates documents, None for characters), `dtype` (the smallest
+unsigned integer type that holds every id: how token files store them) and `to_json()`;
+`from_json` rebuilds one from a checkpoint or a prepared dataset's meta.json.
+
+GPT-2's BPE (`r50k_base`, 50,257 ids) runs through the `tiktoken` package, fully offline:
+its ranks file ships in this package (`assets/gpt2.tiktoken.gz`; see
+`assets/gpt2.tiktoken.LICENSE`) and is checked against its SHA-256 on load.
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import functools
+import gzip
+import hashlib
+from pathlib import Path
+
+import numpy as np
+
+ASSETS = Path(__file__).resolve().parent / "assets"
+# OpenAI's gpt2.tiktoken, byte-identical to the copy the MIT-licensed openai-whisper sdist
+# carries as whisper/assets/gpt2.tiktoken; tiktoken pins the same hash for r50k_base.
+GPT2_RANKS_SHA256 = "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930"
+# tiktoken's r50k_base pre-tokenizer: contractions, letters, digits, other symbols, spaces.
+GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+EOT = "<|endoftext|>"
+
+
+class DataError(ValueError):
+    """Bad text or dataset input; the message says what is wrong and what to do."""
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    return np.dtype(np.uint16 if vocab_size <= 1 << 16 else np.uint32)
+
+
+@dataclasses.dataclass(frozen=True)
+class CharTokenizer:
+    chars: str  # the vocabulary, sorted; token id = index
+    eot = None
+
+    @classmethod
+    def from_text(cls, text: str) -> "CharTokenizer":
+        return cls("".join(sorted(set(text))))
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.chars)
+
+    @property
+    def dtype(self) -> np.dtype:
+        return token_dtype(self.vocab_size)
+
+    def encode(self, text: str) -> np.ndarray:
+        codes = np.frombuffer(text.encode("utf-32-le"), np.uint32)  # one code point per character
+        vocab = np.frombuffer(self.chars.encode("utf-32-le"), np.uint32)  # sorted, as chars is
+        ids = np.searchsorted(vocab, codes)
+        known = vocab[np.minimum(ids, len(vocab) - 1)] == codes if len(vocab) else np.zeros(len(codes), bool)
+        if not known.all():
+            unknown = "".join(sorted(set(text) - set(self.chars)))
+            raise DataError(f"characters not in the vocabulary: {unknown!r}; use only these: {self.chars!r}")
+        return ids.astype(self.dtype)
+
+    def decode(self, ids) -> str:
+        return "".join(self.chars[int(i)] for i in ids)
+
+    def to_json(self) -> dict:
+        return {"type": "char", "chars": self.chars}
+
+
+@dataclasses.dataclass(frozen=True)
+class GPT2Tokenizer:
+    """GPT-2's byte-pair encoding. `encode` treats "<|endoftext|>" in text as plain text
+    unless `allow_eot` (documents are separated by the `eot` id, not by that string)."""
+
+    eot = 50256
+    vocab_size = 50257
+
+    @property
+    def dtype(self) -> np.dtype:
+        return token_dtype(self.vocab_size)
+
+    def encode(self, text: str, allow_eot: bool = False) -> np.ndarray:
+        enc = gpt2_encoding()
+        ids = enc.encode(text, allowed_special={EOT}, disallowed_special=()) if allow_eot else enc.encode_ordinary(text)
+        return np.asarray(ids, dtype=self.dtype)
+
+    def decode(self, ids) -> str:
+        return gpt2_encoding().decode([int(i) for i in ids])
+
+    def to_json(self) -> dict:
+        return {"type": "gpt2"}
+
+
+@functools.lru_cache(maxsize=None)
+def gpt2_encoding():
+    """The `tiktoken.Encoding` for r50k_base, from the shipped ranks file."""
+    import tiktoken
+
+    data = gzip.decompress((ASSETS / "gpt2.tiktoken.gz").read_bytes())
+    if hashlib.sha256(data).hexdigest() != GPT2_RANKS_SHA256:
+        raise DataError(f"{ASSETS / 'gpt2.tiktoken.gz'} is damaged (SHA-256 mismatch): reinstall parallel_gpt")
+    # The format tiktoken.load.load_tiktoken_bpe reads: one "base64(token) rank" per line.
+    ranks = {base64.b64decode(token): int(rank) for token, rank in (line.split() for line in data.splitlines() if line)}
+    return tiktoken.Encoding("gpt2", pat_str=GPT2_PATTERN, mergeable_ranks=ranks, special_tokens={EOT: 50256},
+                             explicit_n_vocab=50257)
+
+
+TOKENIZERS = ("char", "gpt2")
+
+
+def from_json(obj: dict):
+    """The tokenizer a checkpoint or a prepared dataset recorded; DataError for one this
+    version does not know."""
+    kind = obj.get("type") if isinstance(obj, dict) else None
+    if kind == "char" and isinstance(obj.get("chars"), str):
+        return CharTokenizer(obj["chars"])
+    if kind == "gpt2":
+        return GPT2Tokenizer()
+    raise DataError(f"a tokenizer this version does not know ({kind!r}): use the version of parallel_gpt that wrote it")
