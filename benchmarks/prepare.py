@@ -126,7 +126,7 @@ def batch_time(prepared: str, gpt2_step: bool):
     if gpt2_step:
         step = gpt2_small_step(loader)
         print(f"one GPT-2 small step (batch 8 x 1024) on this machine: {step:.2f} s; the batch is "
-              f"{100 * host / step:.3f}% of it")
+              f"{100 * host / step:.2g}% of it")
 
 
 def gpt2_small_step(loader) -> float:
