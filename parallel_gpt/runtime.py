@@ -23,6 +23,7 @@ import typing
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 
 from parallel_gpt import fatal_filter
 
@@ -216,8 +217,6 @@ def check_agreement(values: dict[str, object]):
     process 0 (compared by digest; one small all-gather). Every process raises alike."""
     if jax.process_count() == 1:
         return
-    from jax.experimental import multihost_utils
-
     keys = sorted(values)
     digests = np.array([int.from_bytes(hashlib.sha256(json.dumps(values[k], sort_keys=True).encode()).digest()[:4],
                                        "little") >> 1 for k in keys], np.int32)
@@ -226,7 +225,7 @@ def check_agreement(values: dict[str, object]):
               for j, k in enumerate(keys) if (gathered[:, j] != gathered[0, j]).any()]
     if differ:
         raise ProcessSetupError(f"processes differ from process 0 in {', '.join(differ)}: start every process "
-                         f"with the same command and data")
+                                f"with the same command and data")
 
 
 def on_process_0(fn, *args):
@@ -253,8 +252,6 @@ def broadcast_json(obj):
     """Process 0's JSON-serialisable `obj`, on every process."""
     if jax.process_count() == 1:
         return obj
-    from jax.experimental import multihost_utils
-
     data = np.frombuffer(json.dumps(obj).encode(), np.uint8) if is_main_process() else np.zeros(0, np.uint8)
     size = int(multihost_utils.broadcast_one_to_all(np.int32(data.size)))
     data = np.pad(data, (0, size - data.size))
@@ -266,8 +263,6 @@ def broadcast_tree(tree, template):
     `template` of the same structure (shapes and dtypes, e.g. from `jax.eval_shape`)."""
     if jax.process_count() == 1:
         return tree
-    from jax.experimental import multihost_utils
-
     if not is_main_process():
         tree = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), template)
     return multihost_utils.broadcast_one_to_all(tree)
@@ -277,9 +272,7 @@ def barrier(name: str):
     """Wait until every process reaches `name` (a device all-gather, so it also waits for
     each process's queued work)."""
     if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        multihost_utils.sync_global_devices(name)
+            multihost_utils.sync_global_devices(name)
 
 
 class Watchdog:
