@@ -272,7 +272,7 @@ def barrier(name: str):
     """Wait until every process reaches `name` (a device all-gather, so it also waits for
     each process's queued work)."""
     if jax.process_count() > 1:
-            multihost_utils.sync_global_devices(name)
+        multihost_utils.sync_global_devices(name)
 
 
 class Watchdog:
