@@ -45,6 +45,11 @@ def flatten(tree, prefix: str) -> dict[str, np.ndarray]:
             for p, x in leaves}
 
 
+def names(tree, prefix: str) -> list[str]:
+    """The names `flatten` gives the leaves of `tree` (which may hold shapes only)."""
+    return [f"{prefix}/{_name(p)}" for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
+
+
 def unflatten(template, prefix: str, arrays: dict[str, np.ndarray]):
     """Fill `template`'s structure with `arrays[prefix/...]`, checking names, shapes and dtypes."""
     leaves, treedef = jax.tree_util.tree_flatten_with_path(template)

@@ -15,6 +15,7 @@ import ast
 import dataclasses
 import typing
 
+from parallel_gpt import hf
 from parallel_gpt.model import GPTConfig, pad_vocab
 from parallel_gpt.optim import AdamHParams
 from parallel_gpt.runtime import ProcessConfig
@@ -42,7 +43,10 @@ class TrainConfig:
     log_interval: int = 10
     ckpt_interval: int = 1000
     out_dir: str = "out"
-    init_from: str = "auto"  # auto: resume if out_dir holds a checkpoint, else scratch; or scratch / resume
+    # auto: resume if out_dir holds a checkpoint, else scratch; or scratch, resume, or a Hugging Face GPT-2
+    # directory to fine-tune (the model's shape comes from its config.json; out_dir's checkpoints, once
+    # there, are resumed)
+    init_from: str = "auto"
     keep_checkpoints: int = 3
     max_nonfinite: int = 10  # consecutive skipped (non-finite) updates before the run stops
     sample_tokens: int = 300  # length of the sample printed at the end; 0 for none
@@ -52,7 +56,7 @@ class TrainConfig:
     dtype: str = "float32"  # activations; weights and optimizer state stay float32
 
     def __post_init__(self):
-        if self.model.vocab_size is not None:
+        if self.model.vocab_size is not None or self.model.vocab_tokens is not None:
             raise ConfigError("vocab_size is set by the dataset's tokenizer, not in a TrainConfig")
         positive = ("batch_size", "max_iters", "eval_interval", "eval_iters", "log_interval", "ckpt_interval",
                     "grad_accum", "keep_checkpoints", "max_nonfinite")
@@ -61,8 +65,9 @@ class TrainConfig:
                 raise ConfigError(f"{key}={getattr(self, key)} must be a positive integer")
         if self.sample_tokens < 0:
             raise ConfigError(f"sample_tokens={self.sample_tokens} must be >= 0")
-        if self.init_from not in ("auto", "scratch", "resume"):
-            raise ConfigError(f"init_from={self.init_from!r}: use auto, scratch or resume")
+        if self.init_from not in ("auto", "scratch", "resume") and not hf.is_hf_dir(self.init_from):
+            raise ConfigError(f"init_from={self.init_from!r}: use auto, scratch, resume, or a Hugging Face GPT-2 "
+                              f"directory (config.json + model.safetensors)")
         if self.tokenizer not in (None, *TOKENIZERS):
             raise ConfigError(f"tokenizer={self.tokenizer!r}: use {' or '.join(TOKENIZERS)}")
         if self.dtype not in ("float32", "bfloat16"):
@@ -70,7 +75,7 @@ class TrainConfig:
 
     def model_config(self, vocab_size: int) -> GPTConfig:
         """The model for a tokenizer of `vocab_size` ids (padded with `pad_vocab`), backend settings unresolved."""
-        return dataclasses.replace(self.model, vocab_size=pad_vocab(vocab_size))
+        return dataclasses.replace(self.model, vocab_size=pad_vocab(vocab_size), vocab_tokens=vocab_size)
 
     def to_flat(self) -> dict:
         """{flat key: value} for every setting, as the command line names them."""
@@ -98,7 +103,7 @@ _GROUPS = {"model": GPTConfig, "optim": AdamHParams, "process": ProcessConfig, N
 def _flat_keys() -> dict[str, str | None]:
     keys = {}
     for group, owner in _GROUPS.items():
-        names = [f.name for f in dataclasses.fields(owner) if f.name not in ("vocab_size", *_GROUPS)]
+        names = [f.name for f in dataclasses.fields(owner) if f.name not in ("vocab_size", "vocab_tokens", *_GROUPS)]
         assert not keys.keys() & set(names), "a flat key names two settings"
         keys.update(dict.fromkeys(names, group))
     return keys

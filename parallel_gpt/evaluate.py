@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from parallel_gpt import checkpoint, runstate
+from parallel_gpt import checkpoint, hf, runstate
 from parallel_gpt.tokenizers import DataError
 from parallel_gpt.model import GPT
 
@@ -78,11 +78,20 @@ def load_model(out_dir: str, report=print) -> tuple[GPT, object, dict]:
     return jax.tree.map(jnp.asarray, model), tokenizer, meta
 
 
+def load_hf_model(path: str) -> tuple[GPT, object]:
+    """The model (kernels chosen for JAX's default backend) and tokenizer of a Hugging Face
+    GPT-2 directory; HFError (one line) for one this version cannot load."""
+    config = hf.model_config(path).for_platform(jax.default_backend())
+    template = jax.eval_shape(lambda: GPT.create(config, key=jax.random.key(0)))
+    return jax.tree.map(jnp.asarray, hf.load_model(path, config, template)), hf.tokenizer(path)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m parallel_gpt.evaluate", description=__doc__)
     ap.add_argument("--prompt", required=True, help="text to continue, encoded with the checkpoint's tokenizer "
                                                     "(character-level: every character must be in the vocabulary)")
     ap.add_argument("--out_dir", default="out", help="the training run's out_dir (default: out)")
+    ap.add_argument("--init_from", default=None, help="sample from a Hugging Face GPT-2 directory instead")
     ap.add_argument("--max_new_tokens", type=int, default=500)
     ap.add_argument("--temperature", type=float, default=0.8)
     ap.add_argument("--top_k", type=int, default=None)
@@ -92,9 +101,12 @@ def main(argv=None) -> int:
         print("error: --max_new_tokens must be >= 1", file=sys.stderr)
         return 2
     try:
-        model, tokenizer, _ = load_model(args.out_dir, report=lambda m: print(m, file=sys.stderr))
+        if args.init_from:
+            model, tokenizer = load_hf_model(args.init_from)
+        else:
+            model, tokenizer, _ = load_model(args.out_dir, report=lambda m: print(m, file=sys.stderr))
         text = generate(model, tokenizer, args.prompt, args.max_new_tokens, args.temperature, args.top_k, args.seed)
-    except (checkpoint.CheckpointError, DataError) as e:
+    except (checkpoint.CheckpointError, DataError, hf.HFError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(text)

@@ -24,18 +24,22 @@ class GPTConfig:
     """The model: its shape, and the backend choices it computes with.
 
     Defaults are the model of nanoGPT's shakespeare_char run. `vocab_size` is the
-    tokenizer's vocabulary padded with `pad_vocab`; None until a tokenizer sets it. The
+    tokenizer's vocabulary padded with `pad_vocab`; None until a tokenizer sets it.
+    `vocab_tokens` is the tokenizer's own count: the logits of the padding ids above it are
+    -inf, so padding never changes the model's distribution (None: no padding ids). The
     backend settings may be "auto": `for_platform` resolves them for the devices the model
     runs on, and a model is built from a resolved config.
     """
 
     block_size: int = 256
     vocab_size: int | None = None
+    vocab_tokens: int | None = None
     n_layer: int = 6
     n_head: int = 6
     n_embd: int = 384
     dropout: float = 0.2
     bias: bool = True
+    layer_norm_eps: float = 1e-5
     remat: bool = False  # recompute each block's activations in the backward pass (saves memory)
     attention: str = "auto"  # see attention.SETTINGS
     layernorm_backward: str = "auto"  # "explicit" (nn.layer_norm's written-out pass) or "autodiff"
@@ -46,6 +50,10 @@ class GPTConfig:
                 raise ValueError(f"{name}={getattr(self, name)} must be a positive integer")
         if self.vocab_size is not None and self.vocab_size < 1:
             raise ValueError(f"vocab_size={self.vocab_size} must be a positive integer")
+        if self.vocab_tokens is not None and not 1 <= self.vocab_tokens <= (self.vocab_size or self.vocab_tokens):
+            raise ValueError(f"vocab_tokens={self.vocab_tokens} must be between 1 and vocab_size={self.vocab_size}")
+        if self.layer_norm_eps <= 0:
+            raise ValueError(f"layer_norm_eps={self.layer_norm_eps} must be > 0")
         if self.n_embd % self.n_head:
             lower = self.n_embd // self.n_head * self.n_head
             raise ValueError(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}: "
@@ -79,7 +87,7 @@ def pad_vocab(n: int, multiple: int = 64) -> int:
 
 def _layer_norm(config: GPTConfig) -> nn.LayerNorm:
     explicit = config.layernorm_backward == "explicit"
-    return nn.LayerNorm.create(config.n_embd, bias=config.bias, explicit_backward=explicit)
+    return nn.LayerNorm.create(config.n_embd, bias=config.bias, eps=config.layer_norm_eps, explicit_backward=explicit)
 
 
 def _split(key, n):
@@ -199,7 +207,11 @@ class GPT(nn.Module):
         for block, k in zip(self.h, k_blocks):
             x = jax.checkpoint(Block.__call__)(block, x, key=k) if self.config.remat else block(x, key=k)
         x = self.ln_f(x)
-        return self.wte.attend(x).astype(jnp.float32)  # (B, T, vocab_size)
+        logits = self.wte.attend(x).astype(jnp.float32)  # (B, T, vocab_size)
+        n = self.config.vocab_tokens
+        if n is not None and n < self.config.vocab_size:  # padding ids are never predicted
+            logits = jnp.where(jnp.arange(self.config.vocab_size) < n, logits, -jnp.inf)
+        return logits
 
     def loss(self, idx, targets, *, key=None, dtype=jnp.float32):
         """Mean cross-entropy of next-token prediction over all B * T positions."""

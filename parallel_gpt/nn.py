@@ -77,9 +77,9 @@ class LayerNorm(Module):
     explicit_backward: bool = static(default=False)  # `layer_norm`'s written-out backward pass
 
     @classmethod
-    def create(cls, dim: int, *, bias: bool = True, explicit_backward: bool = False):
+    def create(cls, dim: int, *, bias: bool = True, eps: float = 1e-5, explicit_backward: bool = False):
         return cls(jnp.ones((dim,), jnp.float32), jnp.zeros((dim,), jnp.float32) if bias else None,
-                   explicit_backward=explicit_backward)
+                   eps=eps, explicit_backward=explicit_backward)
 
     def __call__(self, x):
         if self.explicit_backward:

@@ -36,6 +36,7 @@ from __future__ import annotations
 import argparse
 import codecs
 import collections
+import contextlib
 import gzip
 import hashlib
 import json
@@ -44,6 +45,7 @@ import os
 import shutil
 import sys
 import time
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -52,8 +54,7 @@ from parallel_gpt.faults import fault_point
 from parallel_gpt.tokenizers import TOKENIZERS, CharTokenizer, DataError, GPT2Tokenizer
 
 META_FORMAT = 1
-PIECE_CHARS = 1 << 20
-MAX_PIECE_CHARS = 16 << 20
+PIECE_CHARS = 1 << 20  # characters encoded in one call; the memory bound scales with it
 READ_BYTES = 1 << 20
 
 
@@ -75,8 +76,15 @@ def input_files(inputs: list[str]) -> list[Path]:
     return files
 
 
+@contextlib.contextmanager
 def _open(path: Path):
-    return gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")
+    """`path` for reading bytes (a .gz file decompressed as a stream); a damaged file is a DataError."""
+    try:
+        with gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb") as f:
+            yield f
+    except (OSError, EOFError, zlib.error) as e:
+        raise DataError(f"cannot read {path}: {e.strerror if isinstance(e, OSError) and e.strerror else e}: "
+                        f"check the file (a .gz file must be one whole gzip stream)") from None
 
 
 def _is_jsonl(path: Path) -> bool:
@@ -125,24 +133,15 @@ def documents(files: list[Path], jsonl_field: str, progress):
             yield _text_chunks(path, progress)
 
 
-def _safe_cut(text: str, limit: int) -> int:
-    """The largest cut c <= limit after a line break between two non-blank characters, or 0."""
-    c = text.rfind("\n", 0, limit)
-    while c > 0:
-        if c + 1 < len(text) and not text[c - 1].isspace() and not text[c + 1].isspace():
-            return c + 1
-        c = text.rfind("\n", 0, c)
-    return 0
-
-
-def pieces(chunks) -> "Iterator[str]":
-    """A document's text in pieces of about PIECE_CHARS that encode to the document's ids."""
+def pieces(chunks, tokenizer):
+    """A document's text in pieces of at most PIECE_CHARS characters, cut only where
+    `tokenizer.cut` says that the pieces encode to exactly the document's ids. (GPT-2 text
+    with no whitespace for longer than that is the exception: it is held until a cut.)"""
     pending = ""
     for chunk in chunks:
         pending += chunk
         while len(pending) > PIECE_CHARS:
-            cut = _safe_cut(pending, PIECE_CHARS) or (_safe_cut(pending, len(pending) - 1)
-                                                       if len(pending) > MAX_PIECE_CHARS else 0)
+            cut = tokenizer.cut(pending, PIECE_CHARS) or tokenizer.cut(pending, len(pending) - 1)
             if not cut:
                 break
             yield pending[:cut]
@@ -283,6 +282,8 @@ def prepare(inputs: list[str], out: str, tokenizer: str = "gpt2", workers: int =
         meta.update(format=META_FORMAT, fingerprint=digest, settings=settings,
                     inputs=[str(p) for p in files][:1000])
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+        for path in (tmp / "train.bin", tmp / "val.bin", tmp / "meta.json", tmp):  # on disk before the rename
+            _fsync(path)
         fault_point("prepare_written")
         if out_dir.exists():
             old = out_dir.with_name(f"{out_dir.name}.tmp-{os.getpid()}-old")
@@ -291,11 +292,20 @@ def prepare(inputs: list[str], out: str, tokenizer: str = "gpt2", workers: int =
             shutil.rmtree(old)
         else:
             os.replace(tmp, out_dir)
+        _fsync(out_dir.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return (f"{out_dir}: {meta['train_tokens']:,} train and {meta['val_tokens']:,} validation tokens "
             f"from {meta['train_documents'] + meta['val_documents']:,} documents ({meta['dtype']})")
+
+
+def _fsync(path: Path):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _write(files, tmp: Path, tokenizer_name: str, workers: int, val_fraction: float, seed: int,
@@ -317,16 +327,21 @@ def _write(files, tmp: Path, tokenizer_name: str, workers: int, val_fraction: fl
         out["tokens"] += ids.size
         progress.tokens += ids.size
 
+    written = 0
+
     def finish(done):
+        nonlocal written
         for ids, (split, last) in done:
             write(ids, split)
             if last and eot is not None:
                 write(eot, split)
+            written += 1
+            fault_point(f"prepare_piece_{written}")  # a kill test's "midway"
 
     try:
         for doc in documents(files, jsonl_field, progress):
             split, previous = None, None
-            for piece in pieces(doc):  # each piece is submitted once the next one exists
+            for piece in pieces(doc, tokenizer):  # each piece is submitted once the next one exists
                 if split is None:
                     if not piece:
                         break  # an empty document

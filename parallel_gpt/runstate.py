@@ -23,7 +23,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 
-from parallel_gpt import checkpoint, parallel, runtime
+from parallel_gpt import checkpoint, hf, parallel, runtime
 from parallel_gpt.config import ConfigError, TrainConfig
 from parallel_gpt import tokenizers
 from parallel_gpt.model import GPT, GPTConfig, pad_vocab
@@ -33,7 +33,7 @@ from parallel_gpt.runtime import is_main_process, print0
 META_FORMAT = 2
 # Settings a resumed run must share with its checkpoint (the tokenizer's vocabulary too):
 # the model's shape and the data it reads. Everything else may change, and is listed.
-FIXED_ON_RESUME = ("n_layer", "n_head", "n_embd", "block_size", "bias", "dataset")
+FIXED_ON_RESUME = ("n_layer", "n_head", "n_embd", "block_size", "bias", "layer_norm_eps", "dataset")
 # How a run was started, not what it computes: never reported as a changed setting.
 _RUN_CONTROL = ("init_from", "out_dir")
 
@@ -128,23 +128,30 @@ def init_or_resume(tconf: TrainConfig, tokenizer, platform: str):
     template = jax.eval_shape(create)  # shapes only: no initialisation when resuming
     templates = (template, jax.eval_shape(adam_init, template))
     loaded = {}
-    step = runtime.on_process_0(_load_newest, tconf, tokenizer, templates, loaded)
-    if step is None:
+    start = runtime.on_process_0(_load_newest, tconf, tokenizer, config, templates, loaded)
+    if start == "scratch":
         # One compiled initialiser instead of a dispatch (and a compile) per weight matrix.
         return jax.jit(create)(), None, 0
+    if start == "hf":
+        return runtime.broadcast_tree(loaded.get("model"), templates[0]), None, 0
     model, opt_state = runtime.broadcast_tree(loaded.get("state"), templates)
-    return model, opt_state, step
+    return model, opt_state, start
 
 
-def _load_newest(tconf: TrainConfig, tokenizer, templates, loaded: dict) -> int | None:
-    """Process 0: the step of the checkpoint to resume, its (model, opt_state) put in
-    `loaded["state"]`; or None to start a new run."""
+def _load_newest(tconf: TrainConfig, tokenizer, config, templates, loaded: dict):
+    """Process 0: "scratch" for a new model; "hf" for a Hugging Face checkpoint's, put in
+    `loaded["model"]`; or the step of the checkpoint to resume, its (model, opt_state) put
+    in `loaded["state"]`."""
     has_ckpt = bool(checkpoint.checkpoint_dirs(tconf.out_dir))
+    if tconf.init_from == "scratch" and has_ckpt:
+        raise ConfigError(f"out_dir {tconf.out_dir!r} already holds checkpoints: use --init_from=resume "
+                          f"to continue them or choose another out_dir")
     if tconf.init_from == "scratch" or (tconf.init_from == "auto" and not has_ckpt):
-        if has_ckpt:
-            raise ConfigError(f"out_dir {tconf.out_dir!r} already holds checkpoints: use --init_from=resume "
-                              f"to continue them or choose another out_dir")
-        return None
+        return "scratch"
+    if tconf.init_from != "resume" and not has_ckpt:  # a Hugging Face directory; its run resumes once saved
+        loaded["model"] = hf.load_model(tconf.init_from, config, templates[0])
+        print0(f"starting from the Hugging Face checkpoint in {tconf.init_from}")
+        return "hf"
     found = checkpoint.load_latest(tconf.out_dir, report=lambda msg: print0(msg, file=sys.stderr))
     if found is None:
         raise checkpoint.CheckpointError(f"no valid checkpoint to resume in {tconf.out_dir!r}: "

@@ -2,7 +2,8 @@
 
 Both have `encode(text) -> ids`, `decode(ids) -> text`, `vocab_size`, `eot` (the
 end-of-text id that separates documents, None for characters), `dtype` (the smallest
-unsigned integer type that holds every id: how token files store them) and `to_json()`;
+unsigned integer type that holds every id: how token files store them), `cut(text, limit)`
+(where long text can be encoded in pieces without changing its ids) and `to_json()`;
 `from_json` rebuilds one from a checkpoint or a prepared dataset's meta.json.
 
 GPT-2's BPE (`r50k_base`, 50,257 ids) runs through the `tiktoken` package, fully offline:
@@ -17,6 +18,7 @@ import dataclasses
 import functools
 import gzip
 import hashlib
+import re
 from pathlib import Path
 
 import numpy as np
@@ -25,9 +27,12 @@ ASSETS = Path(__file__).resolve().parent / "assets"
 # OpenAI's gpt2.tiktoken, byte-identical to the copy the MIT-licensed openai-whisper sdist
 # carries as whisper/assets/gpt2.tiktoken; tiktoken pins the same hash for r50k_base.
 GPT2_RANKS_SHA256 = "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930"
-# tiktoken's r50k_base pre-tokenizer: contractions, letters, digits, other symbols, spaces.
-GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+# tiktoken's r50k_base pre-tokenizer, verbatim (tiktoken_ext/openai_public.py): contractions,
+# letters, digits, other symbols, whitespace. Equivalent to GPT-2's original pattern.
+GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
 EOT = "<|endoftext|>"
+# Where GPT-2 text can be cut: a space or line break after a non-whitespace character.
+_GPT2_CUT = re.compile(r"(?<=\S)[ \n]")
 
 
 class DataError(ValueError):
@@ -68,6 +73,10 @@ class CharTokenizer:
     def decode(self, ids) -> str:
         return "".join(self.chars[int(i)] for i in ids)
 
+    def cut(self, text: str, limit: int) -> int:
+        """Every character is a token: text can be cut anywhere."""
+        return min(limit, len(text))
+
     def to_json(self) -> dict:
         return {"type": "char", "chars": self.chars}
 
@@ -91,6 +100,25 @@ class GPT2Tokenizer:
 
     def decode(self, ids) -> str:
         return gpt2_encoding().decode([int(i) for i in ids])
+
+    def cut(self, text: str, limit: int) -> int:
+        """The largest c <= limit where text[c] is a space or line break after a
+        non-whitespace character, or 0 if there is none: encode(text[:c]) followed by
+        encode(text[c:]) is exactly encode(text). No pre-token of GPT2_PATTERN joins a
+        non-whitespace character to the whitespace after it, so c is a pre-token boundary,
+        and the pattern looks only forward (`(?!\\S)`, `$`) and never past that
+        non-whitespace character, so text[:c] splits into the same pre-tokens. (Python's
+        `\\S` excludes every character the pattern's `\\s` includes, and more.)"""
+        end = limit + 1
+        while end > 1:  # backwards, 64 Ki characters at a time: the cut is usually near the limit
+            start = max(1, end - (1 << 16))
+            last = None
+            for last in _GPT2_CUT.finditer(text, start, end):
+                pass
+            if last is not None:
+                return last.start()
+            end = start
+        return 0
 
     def to_json(self) -> dict:
         return {"type": "gpt2"}

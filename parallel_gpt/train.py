@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from parallel_gpt import checkpoint, parallel, perf, runstate, runtime
+from parallel_gpt import checkpoint, hf, parallel, perf, runstate, runtime
 from parallel_gpt.faults import fault_point
 from parallel_gpt.config import (ConfigError, TrainConfig, default_preset, make_config, parse_overrides,
                                  process_config)
@@ -178,6 +178,8 @@ def main(argv=None) -> int:
             print0(f"{jax.process_count()} processes ({group})")
         tconf = make_config(preset or default_preset(jax.default_backend()), overrides)
         corpus = load_corpus(tconf.dataset, tconf.tokenizer)
+        if hf.is_hf_dir(tconf.init_from):  # the model's shape is the checkpoint's
+            tconf = TrainConfig.from_flat(hf.adopt(tconf.to_flat(), tconf.init_from, corpus.tokenizer.vocab_size))
         # The mesh, once: a bad device layout fails here, before out_dir is touched.
         mesh = parallel.make_layout(tconf.batch_size, tconf.grad_accum, tconf.devices)
         settings = {k: v for k, v in tconf.to_flat().items() if k != "process_id"}
@@ -191,7 +193,8 @@ def main(argv=None) -> int:
         print0(f"config: {json.dumps(tconf.to_flat())}")
         print0(f"kernels: attention={model.config.attention}, layernorm_backward={model.config.layernorm_backward}")
         model, _ = train(model, dataloader, tconf, mesh=mesh, opt_state=opt_state, start_step=start)
-    except (ConfigError, DataError, parallel.ParallelError, checkpoint.CheckpointError, runtime.ProcessSetupError) as e:
+    except (ConfigError, DataError, parallel.ParallelError, checkpoint.CheckpointError, runtime.ProcessSetupError,
+            hf.HFError) as e:
         return _fail(EXIT_BAD_INPUT, e)
     except NonFiniteError as e:
         return _fail(EXIT_NONFINITE, e)

@@ -172,3 +172,20 @@ def test_config_validation_and_vocab_padding():
 def test_sequence_longer_than_block_size_is_rejected(model):
     with pytest.raises(ValueError, match="exceeds block_size"):
         model(jnp.zeros((1, 17), jnp.int32))
+
+
+def test_padding_ids_do_not_change_the_model():
+    """A vocabulary of 50 padded to 64: the padded ids get -inf logits, and the loss and the
+    probabilities of the 50 real ids are those of the same model without padding."""
+    padded = GPTConfig(block_size=16, vocab_size=64, vocab_tokens=50, n_layer=1, n_head=2, n_embd=32,
+                       dropout=0.0).for_platform("cpu")
+    model = GPT.create(padded, key=jax.random.key(0))
+    exact = dataclasses.replace(model, config=dataclasses.replace(padded, vocab_size=50, vocab_tokens=None),
+                                wte=dataclasses.replace(model.wte, weight=model.wte.weight[:50]))
+    idx = jax.random.randint(jax.random.key(1), (2, 16), 0, 50)
+    logits = model(idx)
+    assert bool(jnp.all(jnp.isneginf(logits[..., 50:])))
+    np.testing.assert_allclose(jax.nn.softmax(logits)[..., :50], jax.nn.softmax(exact(idx)), rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(model.loss(idx, idx), exact.loss(idx, idx), rtol=1e-6)
+    grads = jax.grad(lambda m: m.loss(idx, idx))(model)
+    assert all(bool(jnp.all(jnp.isfinite(g))) for g in jax.tree.leaves(grads))

@@ -1,0 +1,43 @@
+"""`python -m parallel_gpt.export --out_dir RUN --to DIR`: a run's newest valid checkpoint
+as a Hugging Face GPT-2 directory (config.json + model.safetensors) that
+`transformers.GPT2LMHeadModel.from_pretrained(DIR)` loads. See `hf.export`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from parallel_gpt import checkpoint, hf, runstate
+
+
+def export_run(out_dir: str, to: str, report=print) -> str:
+    found = checkpoint.load_latest(out_dir, report=report)
+    if found is None:
+        raise checkpoint.CheckpointError(f"no checkpoint in {out_dir!r}: train one first with "
+                                         f"`python -m parallel_gpt.train --out_dir={out_dir}`")
+    arrays, meta = found
+    where = f"the checkpoint of step {meta.get('step')} in {out_dir!r}"
+    meta = runstate.read_meta(meta, where)
+    config = runstate.read_model_config(meta, where)
+    hf.export(config, arrays, runstate.read_tokenizer(meta, where), to)
+    return f"wrote step {meta['step']} of {out_dir} to {to}"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m parallel_gpt.export", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out_dir", default="out", help="the training run's out_dir (default: out)")
+    ap.add_argument("--to", required=True, help="the directory to write")
+    args = ap.parse_args(argv)
+    try:
+        print(export_run(args.out_dir, args.to, report=lambda m: print(m, file=sys.stderr)))
+    except (checkpoint.CheckpointError, hf.HFError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        print(f"error: cannot write {args.to} ({e.strerror or e}): choose a writable directory", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,189 @@
+"""Hugging Face GPT-2 checkpoints in and out: `config.json` + `model.safetensors`.
+
+Our tree is GPT-2's: `Linear` weights are (in, out) like its `Conv1D`, and the paths
+match its names (`h.0.attn.c_attn.weight` is our `h/0/attn/c_attn/weight`), so the
+conversion is renaming, the `transformer.` prefix, the vocabulary padding, and checks.
+
+Import (`--init_from=DIR`) takes what real files hold: keys with or without the
+`transformer.` prefix, `attn.bias` / `attn.masked_bias` buffers (dropped), a
+`lm_head.weight` equal to `wte` (an untied head is refused), float16 / bfloat16 tensors
+(cast to float32), `layer_norm_epsilon`, and `n_positions` above the run's block_size
+(`wpe` cropped). What the model cannot represent is refused in one line naming the field.
+Export writes the unpadded vocabulary with the `transformer.` prefix and
+`{"format": "pt"}` metadata, which `transformers.GPT2LMHeadModel.from_pretrained` loads.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import struct
+from pathlib import Path
+
+import ml_dtypes
+import numpy as np
+
+from parallel_gpt import checkpoint, tokenizers
+from parallel_gpt.model import GPTConfig, pad_vocab
+
+CONFIG, WEIGHTS = "config.json", "model.safetensors"
+TANH_GELUS = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")
+_BUFFERS = (".attn.bias", ".attn.masked_bias")
+_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16, "F64": np.float64}
+
+
+class HFError(ValueError):
+    """A Hugging Face checkpoint this model cannot load; the message names the field."""
+
+
+def is_hf_dir(path: str) -> bool:
+    return (Path(path) / CONFIG).is_file() and (Path(path) / WEIGHTS).is_file()
+
+
+def read_config(path: str) -> dict:
+    """The model settings of a GPT-2 `config.json`, as our flat keys (n_layer, n_head,
+    n_embd, block_size, bias, layer_norm_eps) plus `vocab_tokens`; HFError for anything
+    our GPT cannot represent."""
+    file = Path(path) / CONFIG
+    try:
+        c = json.loads(file.read_text())
+    except (OSError, ValueError) as e:
+        raise HFError(f"cannot read {file} ({e})") from None
+    if c.get("model_type", "gpt2") != "gpt2":
+        raise HFError(f"{file}: model_type={c.get('model_type')!r}, only gpt2 models load")
+    refusals = [
+        ("activation_function", c.get("activation_function", "gelu_new") not in TANH_GELUS,
+         f"only the tanh GELU ({', '.join(TANH_GELUS)})"),
+        ("n_inner", c.get("n_inner") not in (None, 4 * c.get("n_embd", 0)), "only 4 x n_embd"),
+        ("scale_attn_by_inverse_layer_idx", bool(c.get("scale_attn_by_inverse_layer_idx")), "only false"),
+        ("reorder_and_upcast_attn", bool(c.get("reorder_and_upcast_attn")), "only false"),
+        ("add_cross_attention", bool(c.get("add_cross_attention")), "no cross-attention"),
+        ("scale_attn_weights", c.get("scale_attn_weights", True) is not True, "only true"),
+        ("tie_word_embeddings", c.get("tie_word_embeddings", True) is not True, "only a head tied to wte"),
+    ]
+    for field, refused, allowed in refusals:
+        if refused:
+            raise HFError(f"{file}: {field}={c.get(field)!r} cannot be represented ({allowed})")
+    missing = [k for k in ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head") if not isinstance(c.get(k), int)]
+    if missing:
+        raise HFError(f"{file} lacks {', '.join(missing)}: not a GPT-2 config")
+    return {"n_layer": c["n_layer"], "n_head": c["n_head"], "n_embd": c["n_embd"], "block_size": c["n_positions"],
+            "bias": True, "layer_norm_eps": float(c.get("layer_norm_epsilon", 1e-5)), "vocab_tokens": c["vocab_size"]}
+
+
+def read_safetensors(file: Path) -> dict[str, np.ndarray]:
+    """{name: array} of a .safetensors file, memory-mapped. The `safetensors` package's
+    numpy reader has no bfloat16, which real GPT-2 exports use; the format is a length, a
+    JSON header and raw little-endian data, read here with ml_dtypes for bfloat16."""
+    try:
+        with open(file, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(n))
+        data = np.memmap(file, np.uint8, mode="r", offset=8 + n) if file.stat().st_size > 8 + n else np.zeros(0, np.uint8)
+    except (OSError, ValueError, struct.error) as e:
+        raise HFError(f"cannot read {file} ({e}): not a safetensors file") from None
+    out = {}
+    for name, t in header.items():
+        if name == "__metadata__":
+            continue
+        if t.get("dtype") not in _DTYPES:
+            raise HFError(f"{file}: tensor {name} has dtype {t.get('dtype')}, not a float type this loader reads")
+        start, end = t["data_offsets"]
+        out[name] = data[start:end].view(_DTYPES[t["dtype"]]).reshape(t["shape"])
+    return out
+
+
+def load_model(path: str, config: GPTConfig, template):
+    """The HF checkpoint as our GPT with host arrays (float32, vocabulary padded to
+    config.vocab_size, wpe cropped to config.block_size), checked against `template`
+    (the model's shapes, from `jax.eval_shape`)."""
+    file = Path(path) / WEIGHTS
+    tensors = {k.removeprefix("transformer."): v for k, v in read_safetensors(file).items()
+               if not k.endswith(_BUFFERS)}
+    head = tensors.pop("lm_head.weight", None)
+    if head is not None and not np.array_equal(head, tensors.get("wte.weight")):
+        raise HFError(f"{file}: lm_head.weight differs from wte.weight (an untied head); this GPT ties them")
+    arrays = {}
+    for name, a in tensors.items():
+        a = np.asarray(a, np.float32)
+        if name == "wte.weight":  # (vocab_tokens, C) -> (vocab_size, C); padding rows are never predicted
+            a = np.pad(a, ((0, config.vocab_size - a.shape[0]), (0, 0)))
+        elif name == "wpe.weight":
+            a = a[: config.block_size]
+        arrays["model/" + name.replace(".", "/")] = a
+    try:
+        model = checkpoint.unflatten(template, "model", arrays)
+    except checkpoint.CheckpointError as e:
+        raise HFError(f"{file}: {e}") from None
+    unexpected = sorted(arrays.keys() - set(checkpoint.names(template, "model")))
+    if unexpected:
+        raise HFError(f"{file} has tensors this GPT does not have ({', '.join(unexpected[:3])}): its config.json "
+                      f"does not describe it")
+    return model
+
+
+def adopt(flat: dict, path: str, vocab_tokens: int) -> dict:
+    """Run settings `flat` with the model shape of the HF checkpoint at `path`; its
+    block_size is the smaller of the run's and the checkpoint's n_positions. HFError when
+    the dataset's tokenizer (`vocab_tokens` ids) does not match the model's vocabulary."""
+    hf = read_config(path)
+    if hf["vocab_tokens"] != vocab_tokens:
+        raise HFError(f"{Path(path) / CONFIG}: vocab_size={hf['vocab_tokens']} but the dataset's tokenizer has "
+                      f"{vocab_tokens} ids: prepare the data with the model's tokenizer (--tokenizer=gpt2)")
+    shape = {k: v for k, v in hf.items() if k != "vocab_tokens"}
+    return {**flat, **shape, "block_size": min(flat["block_size"], hf["block_size"])}
+
+
+def export(model_config: GPTConfig, arrays: dict[str, np.ndarray], tokenizer, to: str):
+    """Write `to`/config.json and model.safetensors for `transformers.GPT2LMHeadModel`;
+    config.json names our tokenizer too (`parallel_gpt_tokenizer`), so a character-level
+    model carries its vocabulary."""
+    from safetensors.numpy import save_file
+
+    c = model_config
+    n = tokenizer.vocab_size
+    tensors = {}
+    for name, a in arrays.items():
+        if not name.startswith("model/"):
+            continue
+        key = "transformer." + name.removeprefix("model/").replace("/", ".")
+        tensors[key] = np.ascontiguousarray(a[:n] if key == "transformer.wte.weight" else a, np.float32)
+    if not c.bias:  # GPT-2 always has biases: zeros compute the same model
+        for key in list(tensors):
+            if key.endswith(("ln_1.weight", "ln_2.weight", "ln_f.weight", "c_attn.weight", "c_proj.weight",
+                             "c_fc.weight")):
+                bias = key.removesuffix("weight") + "bias"
+                tensors.setdefault(bias, np.zeros(tensors[key].shape[-1], np.float32))
+    config = {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "vocab_size": n,
+              "n_positions": c.block_size, "n_ctx": c.block_size, "n_embd": c.n_embd, "n_layer": c.n_layer,
+              "n_head": c.n_head, "n_inner": None, "activation_function": "gelu_new",
+              "resid_pdrop": c.dropout, "embd_pdrop": c.dropout, "attn_pdrop": 0.0,
+              "layer_norm_epsilon": c.layer_norm_eps, "initializer_range": 0.02, "scale_attn_weights": True,
+              "tie_word_embeddings": True, "parallel_gpt_tokenizer": tokenizer.to_json()}
+    if tokenizer.eot is not None:
+        config.update(bos_token_id=50256, eos_token_id=50256)
+    out = Path(to)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(out / WEIGHTS), metadata={"format": "pt"})
+    (out / CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+
+
+def tokenizer(path: str):
+    """The tokenizer of an HF checkpoint: the one our export names, else GPT-2's for a
+    50,257-id vocabulary; HFError otherwise."""
+    c = json.loads((Path(path) / CONFIG).read_text())
+    if isinstance(c.get("parallel_gpt_tokenizer"), dict):
+        return tokenizers.from_json(c["parallel_gpt_tokenizer"])
+    if c.get("vocab_size") == tokenizers.GPT2Tokenizer.vocab_size:
+        return tokenizers.GPT2Tokenizer()
+    raise HFError(f"{Path(path) / CONFIG}: vocab_size={c.get('vocab_size')} is not GPT-2's and names no tokenizer: "
+                  f"sampling needs a tokenizer this version knows")
+
+
+def model_config(path: str, block_size: int | None = None) -> GPTConfig:
+    """The GPTConfig of an HF checkpoint (backend settings unresolved), for sampling."""
+    hf = read_config(path)
+    vocab = hf.pop("vocab_tokens")
+    if block_size:
+        hf["block_size"] = min(block_size, hf["block_size"])
+    return dataclasses.replace(GPTConfig(dropout=0.0), **hf, vocab_size=pad_vocab(vocab), vocab_tokens=vocab)
