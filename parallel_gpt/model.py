@@ -206,8 +206,11 @@ class GPT(nn.Module):
         x = self.drop(x.astype(dtype), key=k_drop)
         for block, k in zip(self.h, k_blocks):
             x = jax.checkpoint(Block.__call__)(block, x, key=k) if self.config.remat else block(x, key=k)
-        x = self.ln_f(x)
-        logits = self.wte.attend(x).astype(jnp.float32)  # (B, T, vocab_size)
+        return self.head(x)
+
+    def head(self, x):
+        """Float32 logits (..., vocab_size) for the last block's output x (..., C)."""
+        logits = self.wte.attend(self.ln_f(x)).astype(jnp.float32)  # (B, T, vocab_size)
         n = self.config.vocab_tokens
         if n is not None and n < self.config.vocab_size:  # padding ids are never predicted
             logits = jnp.where(jnp.arange(self.config.vocab_size) < n, logits, -jnp.inf)

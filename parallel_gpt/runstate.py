@@ -79,9 +79,12 @@ def _from_format_1(meta: dict) -> dict:
 
 def read_model_config(meta: dict, where: str) -> GPTConfig:
     """The GPTConfig a checkpoint was trained with, its kernel settings back to "auto" so
-    that whoever loads it chooses kernels for their own devices."""
+    that whoever loads it chooses kernels for their own devices. Checkpoints written before
+    padding ids were masked get vocab_tokens from their tokenizer (the mask changes no
+    real id's probability relative to another's)."""
     hints = typing.get_type_hints(GPTConfig)
     model = {k: v for k, v in meta["model"].items() if k not in ("attention", "layernorm_backward")}
+    model.setdefault("vocab_tokens", read_tokenizer(meta, where).vocab_size)
     unknown = sorted(model.keys() - hints.keys())
     if unknown:
         raise checkpoint.CheckpointError(f"{where} has model settings this version does not know "

@@ -31,7 +31,7 @@ from parallel_gpt.faults import fault_point
 from parallel_gpt.config import (ConfigError, TrainConfig, default_preset, make_config, parse_overrides,
                                  process_config)
 from parallel_gpt.data import DataError, DataLoader, load_corpus
-from parallel_gpt.evaluate import generate
+from parallel_gpt.generate import generate
 from parallel_gpt.metrics import Reporter
 from parallel_gpt.model import GPT
 from parallel_gpt.optim import AdamState, adam_init

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from parallel_gpt import evaluate, train
+from parallel_gpt.generate import generate
 
 TINY = ["--preset", "tiny"]
 
@@ -48,9 +49,9 @@ def test_cli_writes_metrics_events_and_checkpoints(trained):
 def test_checkpoint_describes_the_model(trained):
     meta = json.loads((Path(trained[0]) / "checkpoints" / "step_00000020" / "meta.json").read_text())
     assert meta["format"] == 2 and meta["rng"] == {"seed": 1337, "version": 1}
-    assert meta["model"] == {"block_size": 32, "vocab_size": 128, "n_layer": 2, "n_head": 2, "n_embd": 32,
-                             "dropout": 0.0, "bias": True, "remat": False, "attention": "cpu_blocks",
-                             "layernorm_backward": "explicit"}
+    assert meta["model"] == {"block_size": 32, "vocab_size": 128, "vocab_tokens": 77, "n_layer": 2, "n_head": 2,
+                             "n_embd": 32, "dropout": 0.0, "bias": True, "layer_norm_eps": 1e-5, "remat": False,
+                             "attention": "cpu_blocks", "layernorm_backward": "explicit"}
     assert meta["tokenizer"]["type"] == "char" and meta["train"]["max_iters"] == 20
 
 
@@ -65,7 +66,7 @@ def test_evaluate_continues_a_prompt(trained):
 
 def test_evaluate_api_generates_exact_length(trained):
     model, tokenizer, meta = evaluate.load_model(str(trained[0]))
-    text = evaluate.generate(model, tokenizer, "KING", max_new_tokens=70, top_k=5)  # longer than block_size=32
+    text = generate(model, tokenizer, "KING", max_new_tokens=70, top_k=5)  # longer than block_size=32
     assert text.startswith("KING") and len(text) == 4 + 70 and meta["step"] == 20
 
 
@@ -163,7 +164,7 @@ def test_a_format_1_checkpoint_still_samples_and_resumes(trained, tmp_path, caps
     _rewrite_meta(tmp_path, _format_1)
     model, tokenizer, meta = evaluate.load_model(str(tmp_path))
     assert meta["model"]["vocab_size"] == 128 and model.config.n_layer == 2
-    assert evaluate.generate(model, tokenizer, "KING", max_new_tokens=5).startswith("KING")
+    assert generate(model, tokenizer, "KING", max_new_tokens=5).startswith("KING")
     assert train.main([*TINY, f"--out_dir={tmp_path}", "--max_iters=22", "--sample_tokens=0"]) == 0
     assert "resuming from step 20" in capsys.readouterr().out
 
