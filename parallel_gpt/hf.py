@@ -166,6 +166,44 @@ def export(model_config: GPTConfig, arrays: dict[str, np.ndarray], tokenizer, to
     out.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(out / WEIGHTS), metadata={"format": "pt"})
     (out / CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+    if isinstance(tokenizer, tokenizers.GPT2Tokenizer):
+        write_gpt2_tokenizer(out, c.block_size)
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's printable stand-in for each byte (vocab.json and merges.txt spell tokens so)."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("\u00a1"), ord("\u00ac") + 1),
+                 *range(ord("\u00ae"), ord("\u00ff") + 1)]
+    others = [b for b in range(256) if b not in printable]
+    return {**{b: chr(b) for b in printable}, **{b: chr(256 + i) for i, b in enumerate(others)}}
+
+
+def _merge(token: bytes, ranks: dict[bytes, int]) -> tuple[bytes, bytes]:
+    """The pair of tokens whose merge made `token`: byte-pair encoding of its bytes with
+    the merges ranked before it, which ends in exactly two parts."""
+    parts, limit = [bytes([b]) for b in token], ranks[token]
+    while len(parts) > 2:
+        rank, i = min((ranks.get(parts[i] + parts[i + 1], limit), i) for i in range(len(parts) - 1))
+        parts[i:i + 2] = [parts[i] + parts[i + 1]]
+    return parts[0], parts[1]
+
+
+def write_gpt2_tokenizer(out: Path, max_length: int):
+    """vocab.json, merges.txt and tokenizer_config.json: what `transformers.AutoTokenizer`
+    needs for GPT-2's tokenizer, derived from the shipped ranks."""
+    ranks = tokenizers.gpt2_encoding()._mergeable_ranks
+    spell = _bytes_to_unicode()
+    text = lambda token: "".join(spell[b] for b in token)  # noqa: E731
+    vocab = {text(token): rank for token, rank in ranks.items()}
+    vocab[tokenizers.EOT] = tokenizers.GPT2Tokenizer.eot
+    merges = ["#version: 0.2"] + [" ".join(map(text, _merge(token, ranks)))
+                                   for token, _ in sorted(ranks.items(), key=lambda kv: kv[1]) if len(token) > 1]
+    (out / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))
+    (out / "merges.txt").write_text("\n".join(merges) + "\n", encoding="utf-8")
+    eot = tokenizers.EOT
+    (out / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "GPT2Tokenizer", "model_max_length": max_length, "bos_token": eot, "eos_token": eot,
+        "unk_token": eot, "add_prefix_space": False}, indent=2) + "\n")
 
 
 def tokenizer(path: str):

@@ -161,3 +161,17 @@ def test_transformers_loads_an_export_without_warnings(tmp_path, text_of_101_cha
     with torch.no_grad():
         theirs = model.eval()(torch.from_numpy(ids)).logits.numpy()
     np.testing.assert_allclose(ours(jnp.asarray(ids, jnp.int32))[..., :101], theirs, atol=1e-4, rtol=1e-4)
+
+
+def test_gpt2_tokenizer_files_match_the_ranks(tmp_path):
+    hf.write_gpt2_tokenizer(tmp_path, 1024)
+    vocab = json.loads((tmp_path / "vocab.json").read_text())
+    merges = (tmp_path / "merges.txt").read_text(encoding="utf-8").splitlines()
+    assert len(vocab) == 50257 and vocab["<|endoftext|>"] == 50256 and vocab["Ġthe"] == 262
+    assert len(merges) == 1 + 50000 and merges[:4] == ["#version: 0.2", "Ġ t", "Ġ a", "h e"]
+    transformers = pytest.importorskip("transformers", reason="transformers is a benchmark extra")
+    from parallel_gpt.tokenizers import GPT2Tokenizer
+
+    theirs, ours = transformers.AutoTokenizer.from_pretrained(str(tmp_path)), GPT2Tokenizer()
+    for text in ("Hello, world!", "naïve café 日本語 🎉\n\n  spaces\tand tabs", "a<|endoftext|>b"):
+        assert theirs.encode(text) == ours.encode(text, allow_eot=True).tolist()
