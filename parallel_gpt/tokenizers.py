@@ -61,8 +61,9 @@ class CharTokenizer:
         return token_dtype(self.vocab_size)
 
     def encode(self, text: str) -> np.ndarray:
-        codes = np.frombuffer(text.encode("utf-32-le"), np.uint32)  # one code point per character
-        vocab = np.frombuffer(self.chars.encode("utf-32-le"), np.uint32)  # sorted, as chars is
+        # One code point per character (an unpaired surrogate from JSON text too).
+        codes = np.frombuffer(text.encode("utf-32-le", "surrogatepass"), np.uint32)
+        vocab = np.frombuffer(self.chars.encode("utf-32-le", "surrogatepass"), np.uint32)  # sorted, as chars is
         ids = np.searchsorted(vocab, codes)
         known = vocab[np.minimum(ids, len(vocab) - 1)] == codes if len(vocab) else np.zeros(len(codes), bool)
         if not known.all():
@@ -94,9 +95,13 @@ class GPT2Tokenizer:
         return token_dtype(self.vocab_size)
 
     def encode(self, text: str, allow_eot: bool = False) -> np.ndarray:
-        enc = gpt2_encoding()
-        ids = enc.encode(text, allowed_special={EOT}, disallowed_special=()) if allow_eot else enc.encode_ordinary(text)
-        return np.asarray(ids, dtype=self.dtype)
+        enc, allowed = gpt2_encoding(), {EOT} if allow_eot else set()
+        try:  # straight into an array: a list of Python ints would take 36 bytes per token
+            ids = enc.encode_to_numpy(text, allowed_special=allowed, disallowed_special=())
+        except UnicodeEncodeError:  # unpaired surrogates (JSON's "\ud800"): replaced, as tiktoken's encode does
+            text = text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+            ids = enc.encode_to_numpy(text, allowed_special=allowed, disallowed_special=())
+        return ids.astype(self.dtype)
 
     def decode(self, ids) -> str:
         return gpt2_encoding().decode([int(i) for i in ids])
