@@ -154,17 +154,16 @@ def load_corpus(dataset: str = DEFAULT_DATASET, tokenizer: str | None = None, ca
         pass  # no cache yet, or an unreadable one: rebuilt below
     train_text, val_text = _shakespeare_splits() if dataset == DEFAULT_DATASET else _file_splits(Path(dataset))
     tok = CharTokenizer.from_text(train_text + val_text) if tokenizer == "char" else GPT2Tokenizer()
-    if tok.vocab_size > np.iinfo(np.uint16).max:
-        raise DataError(f"dataset {dataset!r} has {tok.vocab_size} distinct characters; at most 65535 are supported")
-    digests = {}
+    digests, counts = {}, {}
     try:
         folder.mkdir(parents=True, exist_ok=True)
         for split, text in (("train", train_text), ("val", val_text)):
-            data = tok.encode(text).tobytes()
+            ids = tok.encode(text)
+            data = ids.tobytes()
             _write_atomic(folder / f"{split}.bin", data)
-            digests[f"{split}.bin"] = hashlib.sha256(data).hexdigest()
+            digests[f"{split}.bin"], counts[f"{split}_tokens"] = hashlib.sha256(data).hexdigest(), int(ids.size)
         meta = {"format": prepare.META_FORMAT, "source": source, "dataset": dataset, "tokenizer": tok.to_json(),
-                "dtype": tok.dtype.name, "sha256": digests}
+                "dtype": tok.dtype.name, **counts, "sha256": digests}
         _write_atomic(folder / "meta.json", json.dumps(meta, indent=1).encode())
     except OSError as e:
         raise DataError(f"cannot write the token cache in {folder} ({e.strerror or e}): free disk space or set "
@@ -175,9 +174,13 @@ def load_corpus(dataset: str = DEFAULT_DATASET, tokenizer: str | None = None, ca
 def open_prepared(folder: Path, tokenizer: str | None = None) -> Corpus:
     """A prepared directory's token files as read-only memory maps."""
     meta = prepare.read_meta(folder)
+    remake = f"make it again with python -m parallel_gpt.prepare INPUT... --out {folder} --overwrite"
     if meta is None:
         raise DataError(f"{folder} is not a prepared dataset (no readable meta.json): make one with "
                         f"python -m parallel_gpt.prepare INPUT... --out {folder}")
+    if not (isinstance(meta.get("tokenizer"), dict) and meta.get("dtype") in ("uint16", "uint32")
+            and isinstance(meta.get("sha256"), dict)):
+        raise DataError(f"{folder}/meta.json lacks its tokenizer, dtype or sha256: {remake}")
     tok = from_json(meta["tokenizer"])
     if tokenizer is not None and meta["tokenizer"]["type"] != tokenizer:
         raise DataError(f"{folder} holds {meta['tokenizer']['type']} tokens, not {tokenizer}: drop --tokenizer "
@@ -185,9 +188,16 @@ def open_prepared(folder: Path, tokenizer: str | None = None) -> Corpus:
     splits = []
     for split in ("train", "val"):
         path = folder / f"{split}.bin"
+        try:
+            size = path.stat().st_size
+        except OSError as e:
+            raise DataError(f"cannot read {path} ({e.strerror or e}): {remake}") from None
+        itemsize, expected = np.dtype(meta["dtype"]).itemsize, meta.get(f"{split}_tokens")
+        if size % itemsize or (isinstance(expected, int) and size != expected * itemsize):
+            raise DataError(f"{path} has {size} bytes, which does not match meta.json ({expected} {meta['dtype']} "
+                            f"tokens): {remake}")
         # An empty file cannot be memory-mapped; it is an empty split.
-        splits.append(np.memmap(path, dtype=meta["dtype"], mode="r") if path.stat().st_size
-                      else np.zeros(0, meta["dtype"]))
+        splits.append(np.memmap(path, dtype=meta["dtype"], mode="r") if size else np.zeros(0, meta["dtype"]))
     digest = hashlib.sha256(json.dumps([meta["tokenizer"], meta["sha256"]], sort_keys=True).encode()).hexdigest()
     return Corpus(*splits, tok, folder.name, digest)
 

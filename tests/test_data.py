@@ -1,4 +1,5 @@
 import dataclasses
+import json
 
 import numpy as np
 import pytest
@@ -133,3 +134,45 @@ def test_a_prepared_directory_loads_through_memory_maps_and_batches_like_an_arra
             np.testing.assert_array_equal(a, b)
     with pytest.raises(DataError, match="holds gpt2 tokens, not char"):
         load_corpus(str(tmp_path / "prepared"), "char")
+
+
+def _prepared_dir(folder, train_tokens: int, val_tokens: int = 4096):
+    """A prepared directory of zero tokens, written as sparse files (no disk, no time)."""
+    folder.mkdir()
+    for split, n in (("train", train_tokens), ("val", val_tokens)):
+        with open(folder / f"{split}.bin", "wb") as f:
+            f.truncate(2 * n)
+    meta = {"format": prepare.META_FORMAT, "tokenizer": {"type": "gpt2"}, "dtype": "uint16",
+            "train_tokens": train_tokens, "val_tokens": val_tokens, "sha256": {"train.bin": "0", "val.bin": "0"}}
+    (folder / "meta.json").write_text(json.dumps(meta))
+    return folder
+
+
+def _rss_anon_kib() -> int:
+    return int(open("/proc/self/status").read().split("RssAnon:")[1].split()[0])
+
+
+def test_batches_from_a_large_prepared_directory_take_no_memory_of_its_size(tmp_path):
+    corpus = load_corpus(str(_prepared_dir(tmp_path / "big", 1 << 30)))  # 2 GiB of uint16 tokens
+    loader = DataLoader(corpus, 1024, 8, seed=0)
+    loader.batch(0)
+    before = _rss_anon_kib()
+    for step in range(1, 101):
+        x, _ = loader.batch(step)
+    assert x.shape == (8, 1024) and type(x) is np.ndarray
+    assert _rss_anon_kib() - before < 4096  # KiB: the process's own memory did not take in the corpus
+
+
+def test_a_damaged_prepared_directory_is_one_clear_error(tmp_path):
+    folder = _prepared_dir(tmp_path / "d", 5000)
+    with open(folder / "train.bin", "r+b") as f:
+        f.truncate(6000)
+    with pytest.raises(DataError, match=r"train.bin has 6000 bytes, which does not match meta.json \(5000 uint16"):
+        load_corpus(str(folder))
+    (folder / "val.bin").unlink()
+    (folder / "train.bin").unlink()
+    with pytest.raises(DataError, match="cannot read .*train.bin .*--overwrite"):
+        load_corpus(str(folder))
+    (folder / "meta.json").write_text('{"format": %d, "tokenizer": {"type": "gpt2"}}' % prepare.META_FORMAT)
+    with pytest.raises(DataError, match="meta.json lacks its tokenizer, dtype or sha256"):
+        load_corpus(str(folder))
