@@ -5,7 +5,8 @@
 For each model shape (random weights) and batch: the same prompts (half a window long)
 continued greedily by `generate.decode` (prefill done, cache filled) and by
 `generate.decode_recompute` (the whole window per token), in alternating rounds in one
-process; tokens/s is new tokens x batch / seconds, the median over rounds. With
+process; tokens/s is new tokens x batch / seconds, prefill included, the median over
+rounds (the cached run's prefill and decoding are also reported apart). With
 transformers installed (the bench extra), the GPT-2 shape is also run through
 `GPT2LMHeadModel.generate` with its cache on the same weights (exported with
 `hf.export`), same prompt, same number of new tokens, alternating with ours.
@@ -52,10 +53,12 @@ def measure(name: str, batch: int, rounds: int, with_transformers: bool):
     key = jax.random.key(0)
     buffer = np.pad(prompts, ((0, 0), (0, T + n_cached - P)))  # one shape for every call: one compile each
 
-    def cached(n):
-        cache, logits = prefill(model, window, lengths)
-        tokens = jnp.asarray(buffer)
-        return decode(model, cache, logits, tokens, lengths, lengths, n, 0, key, 0.0, 1.0, top_k=None)[2]
+    def cached(n, parts=None):
+        t = time.perf_counter()
+        cache, logits = jax.block_until_ready(prefill(model, window, lengths))
+        if parts is not None:
+            parts.append(time.perf_counter() - t)
+        return decode(model, cache, logits, jnp.asarray(buffer), lengths, lengths, n, 0, key, 0.0, 1.0, top_k=None)[2]
 
     def recompute(n):
         tokens = jnp.asarray(buffer)
@@ -64,8 +67,8 @@ def measure(name: str, batch: int, rounds: int, with_transformers: bool):
     # The same greedy tokens both ways, and a warm start (compiled) for each.
     np.testing.assert_array_equal(np.asarray(cached(n_recompute))[:, :P + n_recompute],
                                   np.asarray(recompute(n_recompute))[:, :P + n_recompute])
-    prefill_s = timed(lambda: prefill(model, window, lengths))
-    runs = {"cache": (cached, n_cached), "recompute": (recompute, n_recompute)}
+    prefill_s = []  # the prefill's part of each cached run
+    runs = {"cache": (lambda n: cached(n, prefill_s), n_cached), "recompute": (recompute, n_recompute)}
     if with_transformers:
         runs["transformers (cache)"] = transformers_runner(model, prompts, n_cached)
     times = {k: [] for k in runs}
@@ -73,10 +76,11 @@ def measure(name: str, batch: int, rounds: int, with_transformers: bool):
         for k, (fn, n) in runs.items():
             times[k].append(timed(lambda: fn(n)))
     rate = {k: runs[k][1] * batch / statistics.median(v) for k, v in times.items()}
-    cache_rate = (n_cached * batch) / (statistics.median(times["cache"]) - prefill_s)  # decode only
+    decode_s = statistics.median(t - p for t, p in zip(times["cache"], prefill_s))
     line = ", ".join(f"{k} {r:,.1f} tok/s" for k, r in rate.items())
     print(f"{name:17} batch {batch}: {line}; cache / recompute {rate['cache'] / rate['recompute']:.1f}x; "
-          f"prefill {prefill_s * 1e3:.0f} ms, cached decode alone {cache_rate:,.1f} tok/s")
+          f"of the cached run: prefill {statistics.median(prefill_s):.2f} s, decoding alone "
+          f"{n_cached * batch / decode_s:,.1f} tok/s")
 
 
 def transformers_runner(model: GPT, prompts: np.ndarray, n: int):

@@ -69,11 +69,18 @@ def empty_cache(model: GPT, batch: int):
     return jnp.zeros(shape, jnp.float32), jnp.zeros(shape, jnp.float32)
 
 
-@jax.jit
 def prefill(model: GPT, window, lengths):
-    """Cache and next-token logits (B, V) for prompts window[b, :lengths[b]] (B, T)."""
-    B, T = window.shape
-    positions = jnp.broadcast_to(jnp.arange(T), (B, T))
+    """Cache and next-token logits (B, V) for prompts window[b, :lengths[b]] (B, t), t <=
+    block_size. Only the first power of two >= the longest prompt is computed (one compile
+    per power of two)."""
+    t = min(window.shape[1], 1 << (int(np.max(lengths)) - 1).bit_length())
+    return _prefill(model, window[:, :t], lengths)
+
+
+@jax.jit
+def _prefill(model: GPT, window, lengths):
+    B, t = window.shape
+    positions = jnp.broadcast_to(jnp.arange(t), (B, t))
     logits, cache = forward(model, window, positions, empty_cache(model, B))
     return cache, jnp.take_along_axis(logits, (lengths - 1)[:, None, None], axis=1)[:, 0]  # (B, V)
 

@@ -235,3 +235,17 @@ def test_fatal_log_summaries_name_the_failed_process():
     assert summary(dead, "0").startswith("error: process 0: process 3 stopped sending heartbeats")
     leader = dead.split("absl::Status:")[0] + "absl::Status: UNAVAILABLE: the leader task was preempted/died\n"
     assert summary(leader, "2").startswith("error: process 2: lost the coordinator, process 0")
+
+
+def test_two_processes_fine_tune_a_hugging_face_model_as_one(tmp_path, cache_dir):
+    """Process 0 reads the Hugging Face directory and broadcasts the weights."""
+    fixture = ROOT / "tests" / "fixtures" / "gpt2_tiny"
+    chars = [chr(c) for c in range(33, 127)] + list("éèàçùâ\n")  # the fixture's 101 ids
+    text = tmp_path / "t.txt"
+    text.write_text("".join(chars) + "".join(np.random.default_rng(0).choice(chars, 20_000)))
+    args = (f"--dataset={text}", f"--init_from={fixture}", "--max_iters=4", "--block_size=32")
+    one = cli(f"--out_dir={tmp_path / 'one'}", *args)
+    assert one.returncode == 0, one.stderr
+    two = launched(f"--out_dir={tmp_path / 'two'}", *args)
+    assert two.returncode == 0 and "[p0] starting from the Hugging Face checkpoint" in two.stdout, two.stderr
+    assert_same_run(tmp_path / "two", tmp_path / "one")
