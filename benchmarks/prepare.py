@@ -7,7 +7,8 @@ list), then in alternating rounds, each in a fresh process: our prepare with 1 w
 with every core, and the plain single-process loop nanoGPT's prepare.py amounts to
 (`tiktoken` `encode_ordinary_batch` over the documents, every id kept in memory, then
 written to one file). Reports MB/s, tokens/s and peak RSS of each (medians over rounds;
-with workers, the largest worker's peak too). Then the host time to build one batch of
+with workers, the largest worker's peak too: its rusage, which also counts the process
+that started it as it was then, before any text was read). Then the host time to build one batch of
 8 x 1024 tokens from the memory-mapped result, and with --gpt2_step its share of one
 GPT-2 small training step on this machine's devices.
 """
@@ -15,6 +16,7 @@ GPT-2 small training step on this machine's devices.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import statistics
@@ -55,8 +57,9 @@ else:
     meta = json.load(open(out + "/meta.json"))
     tokens = meta["train_tokens"] + meta["val_tokens"]
 seconds = time.perf_counter() - t
-print(json.dumps({"seconds": seconds, "tokens": tokens,
-                  "rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+# This process's own peak (VmHWM): its rusage would also count the benchmark that started it.
+hwm_kib = int(open("/proc/self/status").read().split("VmHWM:")[1].split()[0])
+print(json.dumps({"seconds": seconds, "tokens": tokens, "rss_mib": hwm_kib / 1024,
                   "children_rss_mib": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}))
 """
 
@@ -114,7 +117,9 @@ def main():
 def batch_time(prepared: str, gpt2_step: bool):
     from parallel_gpt.data import DataLoader, load_corpus
 
-    loader = DataLoader(load_corpus(prepared), block_size=1024, batch_size=8, seed=0)
+    corpus = load_corpus(prepared)
+    corpus = dataclasses.replace(corpus, val=corpus.train)  # batch() reads train only; a small run may have no val
+    loader = DataLoader(corpus, block_size=1024, batch_size=8, seed=0)
     loader.batch(0)
     times = []
     for step in range(1, 201):

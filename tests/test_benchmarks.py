@@ -148,3 +148,14 @@ def test_attention_benchmark_times_each_kernel_that_runs_here():
         name_ms = dict(part.rsplit(" ", 2)[:2] for part in line.split(": ", 1)[1].split(", "))
         assert line.startswith(f"T = {T}: ") and set(name_ms) == {"cpu_blocks", "xla"}
         assert all(positive_finite(float(ms)) for ms in name_ms.values())
+
+
+def test_prepare_benchmark_reports_throughput_memory_and_batch_time():
+    cmd = [sys.executable, str(BENCH / "prepare.py"), "--mb", "2", "--rounds", "1"]
+    proc = subprocess.run(cmd, env=SMOKE_ENV, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    rows = {line[:24].strip(): line[24:].split() for line in proc.stdout.splitlines()[2:5]}
+    assert set(rows) == {"prepare, 1 worker", f"prepare, {os.cpu_count()} workers", "plain tiktoken loop"}
+    for name, figures in rows.items():  # MB/s, Mtokens/s, peak RSS (MiB) and, with workers, a worker's
+        assert len(figures) == (4 if "workers" in name else 3) and all(positive_finite(float(f)) for f in figures)
+    assert "host time to build a batch of 8 x 1024 from the memory map" in proc.stdout.splitlines()[5]
