@@ -114,7 +114,7 @@ FLAT_KEYS = _flat_keys()  # {flat key: its group in _GROUPS ("model", "optim", "
 PRESETS: dict[str, dict] = {
     # nanoGPT's config/train_shakespeare_char.py, for accelerators: the defaults.
     "shakespeare_char": {},
-    # Sized for a 2-core CPU: 1800 steps in 1m35s, held-out val loss 1.714
+    # Sized for a 2-core CPU: 1800 steps in 1m33s, held-out val loss 1.714
     # (measured). At this size (0.8M parameters) small batches learn more per token: of the
     # settings tried, batch 16 at lr 3e-3 reached the lowest loss in a 5-minute budget.
     "cpu": dict(n_layer=4, n_head=4, n_embd=128, block_size=64, batch_size=16, dropout=0.0,
