@@ -62,16 +62,21 @@ def main(argv=None) -> int:
             model, tokenizer = load_hf_model(args.init_from)
         else:
             model, tokenizer, _ = load_model(args.out_dir, report=lambda m: print(m, file=sys.stderr))
-        one = args.num_samples == 1
-        if one:  # a single sample is printed as it is produced
-            print(args.prompt, end="", flush=True)
+        shown = []  # a single sample is printed as it is produced, after the inputs were checked
+
+        def show(new):
+            print(("" if shown else args.prompt) + new[0], end="", flush=True)
+            shown.append(True)
+
         texts = generate(model, tokenizer, [args.prompt] * args.num_samples, args.max_new_tokens, args.temperature,
-                         args.top_k, args.top_p, args.seed,
-                         stream=(lambda new: print(new[0], end="", flush=True)) if one else None)
+                         args.top_k, args.top_p, args.seed, stream=show if args.num_samples == 1 else None)
     except (checkpoint.CheckpointError, DataError, hf.HFError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print() if one else print("\n---------------\n".join(texts))
+    if shown:
+        print()
+    else:
+        print("\n---------------\n".join(texts))
     return 0
 
 
