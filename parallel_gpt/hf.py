@@ -107,6 +107,9 @@ def load_model(path: str, config: GPTConfig, template):
     for name, a in tensors.items():
         a = np.asarray(a, np.float32)
         if name == "wte.weight":  # (vocab_tokens, C) -> (vocab_size, C); padding rows are never predicted
+            if a.shape[0] != config.vocab_tokens:
+                raise HFError(f"{file}: wte.weight has {a.shape[0]} rows but config.json says vocab_size="
+                              f"{config.vocab_tokens}: the files do not belong together")
             a = np.pad(a, ((0, config.vocab_size - a.shape[0]), (0, 0)))
         elif name == "wpe.weight":
             a = a[: config.block_size]
