@@ -1,9 +1,9 @@
 """Sampling with a KV cache: a prefill of the prompts, then cached decoding.
 
 `generate(model, tokenizer, prompts, ...)` continues a batch of prompts of different
-lengths. `prefill` runs the model once over the prompts (right-padded to block_size)
-and fills a static cache of keys and values, (layers, batch, block_size, heads, head
-size) each; `decode` then samples `n` tokens in a `lax.fori_loop`, each step computing
+lengths. `prefill` runs the model once over the prompts (right-padded to the first power
+of two that holds the longest) and fills a static cache of keys and values, (layers,
+batch, block_size, heads, head size) each; `decode` then samples `n` tokens in a `lax.fori_loop`, each step computing
 one position per row, writing its key and value with `lax.dynamic_update_slice` at that
 row's own position and attending to the cache through an explicit mask of the positions
 up to it. (`dot_product_attention(is_causal=True)` aligns its mask top-left, which is
