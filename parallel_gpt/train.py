@@ -35,9 +35,10 @@ from parallel_gpt.generate import generate
 from parallel_gpt.metrics import Reporter
 from parallel_gpt.model import GPT
 from parallel_gpt.optim import AdamState, adam_init
-from parallel_gpt.runtime import EXIT_PEER, Watchdog, is_main_process, keep_freed_memory, print0
+from parallel_gpt.runtime import Watchdog, is_main_process, keep_freed_memory, print0
 
 EXIT_BAD_INPUT, EXIT_NONFINITE, EXIT_INTERRUPTED = 2, 3, 75
+EXIT_PEER = runtime.EXIT_PEER  # a process of the group never joined or was stuck (runtime.exit_now)
 
 
 class NonFiniteError(RuntimeError):
