@@ -20,6 +20,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
+from parallel_gpt import files
 from parallel_gpt.faults import fault_point
 
 ARRAYS, META = "arrays.npz", "meta.json"
@@ -65,14 +66,6 @@ def unflatten(template, prefix: str, arrays: dict[str, np.ndarray]):
     return jax.tree.unflatten(treedef, out)
 
 
-def _fsync(path: Path):
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -109,12 +102,12 @@ def save(out_dir, step: int, arrays: dict[str, np.ndarray], meta: dict, keep: in
             json.dump(meta, f, indent=1)
             f.flush()
             os.fsync(f.fileno())
-        _fsync(tmp)
+        files.fsync(tmp)
         fault_point(f"save_{step:08d}_meta")
         if final.exists():  # the same step saved again (e.g. a resumed run's last step)
             shutil.rmtree(final)
         os.replace(tmp, final)
-        _fsync(root)
+        files.fsync(root)
         fault_point(f"save_{step:08d}_renamed")
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from parallel_gpt import prepare
+from parallel_gpt import files, prepare
 from parallel_gpt.tokenizers import TOKENIZERS, CharTokenizer, DataError, GPT2Tokenizer, from_json
 
 DEFAULT_DATASET = "shakespeare"
@@ -125,15 +125,6 @@ def _source_id(dataset: str) -> tuple[str, str]:
     return name, f"v{FORMAT_VERSION}:{st.st_size}:{st.st_mtime_ns}"
 
 
-def _write_atomic(path: Path, data: bytes):
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def load_corpus(dataset: str = DEFAULT_DATASET, tokenizer: str | None = None, cache_dir: Path | None = None) -> Corpus:
     """The corpus `dataset` names: a directory made by `python -m parallel_gpt.prepare`
     (memory-mapped, never read whole), or the Shakespeare default or a UTF-8 text file,
@@ -160,11 +151,11 @@ def load_corpus(dataset: str = DEFAULT_DATASET, tokenizer: str | None = None, ca
         for split, text in (("train", train_text), ("val", val_text)):
             ids = tok.encode(text)
             data = ids.tobytes()
-            _write_atomic(folder / f"{split}.bin", data)
+            files.write_atomic(folder / f"{split}.bin", data)
             digests[f"{split}.bin"], counts[f"{split}_tokens"] = hashlib.sha256(data).hexdigest(), int(ids.size)
         meta = {"format": prepare.META_FORMAT, "source": source, "dataset": dataset, "tokenizer": tok.to_json(),
                 "dtype": tok.dtype.name, **counts, "sha256": digests}
-        _write_atomic(folder / "meta.json", json.dumps(meta, indent=1).encode())
+        files.write_atomic(folder / "meta.json", json.dumps(meta, indent=1).encode())
     except OSError as e:
         raise DataError(f"cannot write the token cache in {folder} ({e.strerror or e}): free disk space or set "
                         f"PARALLEL_GPT_CACHE to a writable folder") from None

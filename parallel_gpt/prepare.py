@@ -53,6 +53,7 @@ from pathlib import Path
 
 import numpy as np
 
+from parallel_gpt.files import fsync
 from parallel_gpt.faults import fault_point
 from parallel_gpt.tokenizers import TOKENIZERS, CharTokenizer, DataError, GPT2Tokenizer
 
@@ -286,7 +287,7 @@ def prepare(inputs: list[str], out: str, tokenizer: str = "gpt2", workers: int =
                     inputs=[str(p) for p in files][:1000])
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
         for path in (tmp / "train.bin", tmp / "val.bin", tmp / "meta.json", tmp):  # on disk before the rename
-            _fsync(path)
+            fsync(path)
         fault_point("prepare_written")
         if out_dir.exists():
             old = out_dir.with_name(f"{out_dir.name}.tmp-{os.getpid()}-old")
@@ -295,20 +296,12 @@ def prepare(inputs: list[str], out: str, tokenizer: str = "gpt2", workers: int =
             shutil.rmtree(old)
         else:
             os.replace(tmp, out_dir)
-        _fsync(out_dir.parent)
+        fsync(out_dir.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return (f"{out_dir}: {meta['train_tokens']:,} train and {meta['val_tokens']:,} validation tokens "
             f"from {meta['train_documents'] + meta['val_documents']:,} documents ({meta['dtype']})")
-
-
-def _fsync(path: Path):
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _write(files, tmp: Path, tokenizer_name: str, workers: int, val_fraction: float, seed: int,

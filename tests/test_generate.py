@@ -34,28 +34,26 @@ def test_cached_logits_equal_the_full_forward_pass_at_every_position():
         positions += 1
 
 
-def test_greedy_tokens_equal_the_recompute_path_for_prompts_of_several_lengths():
-    cached = generate(MODEL, TOK, PROMPTS, max_new_tokens=4, temperature=0.0)
+def recompute(n, seed, temperature, top_p, top_k):
+    """PROMPTS continued by `n` tokens through the path without a cache."""
     ids = [TOK.encode(p) for p in PROMPTS]
-    tokens = np.zeros((3, 32), np.int32)
+    tokens = np.zeros((len(ids), 32), np.int32)
     for b, e in enumerate(ids):
         tokens[b, :len(e)] = e
     counts = np.array([len(e) for e in ids], np.int32)
-    out, _ = decode_recompute(MODEL, jnp.asarray(tokens), jnp.asarray(counts), 4, 0, jax.random.key(0), 0.0, 1.0,
-                              top_k=None)
-    assert cached == [TOK.decode(np.asarray(out)[b, :c + 4]) for b, c in enumerate(counts)]
+    out, _ = decode_recompute(MODEL, jnp.asarray(tokens), jnp.asarray(counts), n, 0, jax.random.key(seed),
+                              temperature, top_p, top_k=top_k)
+    return [TOK.decode(np.asarray(out)[b, :c + n]) for b, c in enumerate(counts)]
+
+
+def test_greedy_tokens_equal_the_recompute_path_for_prompts_of_several_lengths():
+    cached = generate(MODEL, TOK, PROMPTS, max_new_tokens=4, temperature=0.0)
+    assert cached == recompute(4, seed=0, temperature=0.0, top_p=1.0, top_k=None)
 
 
 def test_sampling_is_the_recompute_paths_within_the_window_and_top_p_zero_is_greedy():
     kw = dict(max_new_tokens=4, temperature=0.9, top_k=10, top_p=0.8, seed=5)
-    ids = [TOK.encode(p) for p in PROMPTS]
-    tokens = np.zeros((3, 32), np.int32)
-    for b, e in enumerate(ids):
-        tokens[b, :len(e)] = e
-    counts = np.array([len(e) for e in ids], np.int32)
-    out, _ = decode_recompute(MODEL, jnp.asarray(tokens), jnp.asarray(counts), 4, 0, jax.random.key(5), 0.9, 0.8,
-                              top_k=10)
-    assert generate(MODEL, TOK, PROMPTS, **kw) == [TOK.decode(np.asarray(out)[b, :c + 4]) for b, c in enumerate(counts)]
+    assert generate(MODEL, TOK, PROMPTS, **kw) == recompute(4, seed=5, temperature=0.9, top_p=0.8, top_k=10)
     assert generate(MODEL, TOK, PROMPTS, 30, temperature=1.0, top_p=1e-9, seed=1) == \
         generate(MODEL, TOK, PROMPTS, 30, temperature=0.0)
 

@@ -1,0 +1,28 @@
+"""Durable file writes, shared by checkpoints, prepared datasets and the token cache.
+
+Without JAX or NumPy, so that `prepare` (and its worker processes) stay small."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def fsync(path: Path):
+    """Flush a file's or a directory's entry to disk (a directory after a rename into it)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_atomic(path: Path, data: bytes):
+    """Write `data` to `path` through a temporary file and a rename: readers see the old
+    file or the whole new one."""
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
