@@ -19,15 +19,8 @@ def load_model(out_dir: str, report=print) -> tuple[GPT, object, dict]:
     """The model (kernels chosen for JAX's default backend), tokenizer and metadata of the
     newest valid checkpoint in `out_dir`; CheckpointError (one line) when there is none
     this version can read."""
-    found = checkpoint.load_latest(out_dir, report=report)
-    if found is None:
-        raise checkpoint.CheckpointError(
-            f"no checkpoint in {out_dir!r}: train one first with `python -m parallel_gpt.train --out_dir={out_dir}`")
-    arrays, meta = found
-    where = f"the checkpoint of step {meta.get('step')} in {out_dir!r}"
-    meta = runstate.read_meta(meta, where)
-    tokenizer = runstate.read_tokenizer(meta, where)
-    config = runstate.read_model_config(meta, where).for_platform(jax.default_backend())
+    arrays, meta, config, tokenizer = runstate.read_newest(out_dir, report)
+    config = config.for_platform(jax.default_backend())
     template = jax.eval_shape(lambda: GPT.create(config, key=jax.random.key(0)))
     model = checkpoint.unflatten(template, "model", arrays)
     return jax.tree.map(jnp.asarray, model), tokenizer, meta

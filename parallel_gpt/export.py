@@ -11,15 +11,8 @@ from parallel_gpt import checkpoint, hf, runstate
 
 
 def export_run(out_dir: str, to: str, report=print) -> str:
-    found = checkpoint.load_latest(out_dir, report=report)
-    if found is None:
-        raise checkpoint.CheckpointError(f"no checkpoint in {out_dir!r}: train one first with "
-                                         f"`python -m parallel_gpt.train --out_dir={out_dir}`")
-    arrays, meta = found
-    where = f"the checkpoint of step {meta.get('step')} in {out_dir!r}"
-    meta = runstate.read_meta(meta, where)
-    config = runstate.read_model_config(meta, where)
-    hf.export(config, arrays, runstate.read_tokenizer(meta, where), to)
+    arrays, meta, config, tokenizer = runstate.read_newest(out_dir, report)
+    hf.export(config, arrays, tokenizer, to)
     return f"wrote step {meta['step']} of {out_dir} to {to}"
 
 

@@ -117,6 +117,19 @@ def read_tokenizer(meta: dict, where: str):
         raise checkpoint.CheckpointError(f"{where} has {e}") from None
 
 
+def read_newest(out_dir: str, report=print):
+    """(arrays, meta, GPTConfig, tokenizer) of the newest valid checkpoint in `out_dir`, for
+    sampling and export; CheckpointError (one line) when there is none this version reads."""
+    found = checkpoint.load_latest(out_dir, report=report)
+    if found is None:
+        raise checkpoint.CheckpointError(
+            f"no checkpoint in {out_dir!r}: train one first with `python -m parallel_gpt.train --out_dir={out_dir}`")
+    arrays, meta = found
+    where = f"the checkpoint of step {meta.get('step')} in {out_dir!r}"
+    meta = read_meta(meta, where)
+    return arrays, meta, read_model_config(meta, where), read_tokenizer(meta, where)
+
+
 def init_or_resume(tconf: TrainConfig, tokenizer, platform: str):
     """(model, opt_state or None, start_step) for `platform` devices: a new model, or the
     newest valid checkpoint in out_dir, following `init_from`.
