@@ -60,17 +60,18 @@ def synthetic_loader(vocab_size: int, block_size: int, batch_size: int) -> DataL
 
 class Runner:
     """One compiled step with its own state; batches are numbered on from where it stopped.
-    `extra`: arguments after the optimizer state (the pmapped step's `stop` input)."""
 
-    def __init__(self, step_fn, model, opt_state, place, extra=()):
-        self.step_fn, self.state, self.place, self.next_batch = step_fn, (model, opt_state), place, 0
-        self.extra = extra
+    `step(state, xb, yb) -> (state, metrics)` with `step.lower(state, xb, yb)`: a
+    `parallel.DataParallel` or a jitted function of that signature; `place(i)` makes and
+    places batch i."""
+
+    def __init__(self, step, state, place):
+        self.step, self.state, self.place, self.next_batch = step, state, place, 0
 
     def compile(self) -> float:
         """Seconds to trace, lower and compile the step ahead of time."""
-        model, opt_state = self.state
         t = time.perf_counter()
-        self.step_fn.lower(model, *self.place(0), opt_state, *self.extra).compile()
+        self.step.lower(self.state, *self.place(0)).compile()
         return time.perf_counter() - t
 
     def run(self, n: int) -> float:
@@ -79,8 +80,7 @@ class Runner:
         jax.block_until_ready((self.state, batch))
         t = time.perf_counter()
         for i in range(self.next_batch, self.next_batch + n):
-            model, opt_state, _ = self.step_fn(self.state[0], *batch, self.state[1], *self.extra)
-            self.state = (model, opt_state)
+            self.state, _ = self.step(self.state, *batch)
             batch = self.place(i + 1)
         jax.block_until_ready(self.state)
         elapsed = time.perf_counter() - t

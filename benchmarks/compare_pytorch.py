@@ -7,7 +7,7 @@ From the repository root, with the benchmark extra (`pip install torch==2.13.0`,
     PYTHONPATH=. python benchmarks/compare_pytorch.py --no_compile     # eager only: no C++ compiler needed
 
 A shape is n_layer,n_head,n_embd,block_size,batch_size. For each shape the three steps
-(ours: `parallel.pmap_step` on 1 device; PyTorch eager; PyTorch with `torch.compile(model)`)
+(ours: `parallel.DataParallel` on 1 device; PyTorch eager; PyTorch with `torch.compile(model)`)
 are warmed up, then timed in alternating rounds of `--steps` steps (ours, eager, compiled,
 `--rounds` times, each round starting one further along that list) because the machine may
 be shared; each step time is the median over rounds, and "ours / this" is the median of
@@ -49,9 +49,9 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from common import Runner, median_ratio, model_config, synthetic_loader, time_alternating  # noqa: E402  (benchmarks/ is on sys.path)
-from parallel_gpt import parallel, runtime  # noqa: E402
+from parallel_gpt import checkpoint, parallel, runtime  # noqa: E402
 from parallel_gpt.model import GPT, GPTConfig  # noqa: E402
-from parallel_gpt.optim import AdamHParams, adam_init  # noqa: E402
+from parallel_gpt.optim import AdamHParams  # noqa: E402
 
 DEFAULT_SHAPES = ("4,4,128,64,12", "4,4,128,128,16")  # nanoGPT's CPU shape (block 64, batch 12), then block 128
 
@@ -130,7 +130,7 @@ class TorchGPT(torch.nn.Module):
 
 def weights(model: GPT) -> dict[str, np.ndarray]:
     """{tree path as PyTorch names it (h.0.attn.c_attn.weight): array} of a JAX model."""
-    return {jax.tree_util.keystr(path, simple=True, separator="."): np.array(leaf)
+    return {checkpoint.leaf_name(path, "."): np.array(leaf)
             for path, leaf in jax.tree_util.tree_flatten_with_path(model)[0]}
 
 
@@ -242,11 +242,10 @@ def compare(shape: tuple[int, ...], args) -> dict:
             if not hello:
                 raise SystemExit(f"error: the PyTorch worker failed to start (exit code {worker.wait()})")
             hello = json.loads(hello)
-            model = parallel.replicate(jax_model, mesh)  # may share jax_model's buffers, which the step donates
-            runners = {"ours (JAX pmap, 1 device)": Runner(
-                parallel.pmap_step(mesh, hp=hp), model, parallel.replicate(adam_init(model), mesh),
-                lambda s: tuple(parallel.shard_batch(a, mesh) for a in loader.batch(s)),
-                extra=(parallel.stop_requests(0, mesh),))}
+            dp = parallel.DataParallel(mesh, hp=hp)
+            # The placed state may share jax_model's buffers, which the step donates.
+            runners = {"ours (JAX pmap, 1 device)": Runner(dp, dp.place(jax_model),
+                                                           lambda s: dp.batch(*loader.batch(s)))}
             runners.update((name, RemoteRunner(worker, name)) for name in hello["steps"])
             first_step = {name: r.run(1) for name, r in runners.items()}
             for r in runners.values():

@@ -139,20 +139,17 @@ def gpt2_small_step(loader) -> float:
 
     from parallel_gpt import parallel
     from parallel_gpt.model import GPT, GPTConfig
-    from parallel_gpt.optim import AdamHParams, adam_init
+    from parallel_gpt.optim import AdamHParams
 
     mesh = parallel.make_layout(8, 1, 1)
     config = GPTConfig(n_layer=12, n_head=12, n_embd=768, block_size=1024, dropout=0.0, vocab_size=50304)
     config = config.for_platform(mesh.devices.flat[0].platform, np.dtype("float32"))
-    model = parallel.replicate(GPT.create(config, key=jax.random.key(0)), mesh)
-    opt = parallel.replicate(adam_init(model), mesh)
-    pstep = parallel.pmap_step(mesh, hp=AdamHParams())
-    stop = parallel.stop_requests(0, mesh)
-    place = lambda s: tuple(parallel.shard_batch(a, mesh) for a in loader.batch(s))  # noqa: E731
-    model, opt, m = pstep(model, *place(0), opt, stop)  # compile
+    dp = parallel.DataParallel(mesh, hp=AdamHParams())
+    state = dp.place(GPT.create(config, key=jax.random.key(0)))
+    state, m = dp.step(state, *dp.batch(*loader.batch(0)))  # compile
     jax.block_until_ready(m)
     t = time.perf_counter()
-    model, opt, m = pstep(model, *place(1), opt, stop)
+    state, m = dp.step(state, *dp.batch(*loader.batch(1)))
     jax.block_until_ready(m)
     return time.perf_counter() - t
 

@@ -15,8 +15,8 @@ its own peak-memory counter. The parent process never touches a device.
 
 In each point: the step is compiled ahead of time (compile time), run `--warmup` steps,
 then timed for `--rounds` rounds of `--steps` steps, blocking on the results; the step time
-is the median over rounds. The loop is the training loop's: `parallel.pmap_step` on state
-placed by `parallel.replicate`, and each next batch is made by `DataLoader.batch` and placed
+is the median over rounds. The loop is the training loop's: `parallel.DataParallel`'s step
+on the state it placed, and each next batch is made by `DataLoader.batch` and placed
 by `parallel.shard_batch` while the current step runs. On one device the same step under
 plain `jax.jit` (the same loss, gradient and `optim.guarded_update` code without the device
 axis, donated state) is timed in alternating rounds with the pmap step, in the same process,
@@ -46,6 +46,7 @@ import jax.numpy as jnp
 
 from common import Runner, median_ratio, model_config, synthetic_loader, time_alternating  # benchmarks/ is on sys.path
 from parallel_gpt import optim, parallel, perf, runtime
+from parallel_gpt.errors import run_cli
 from parallel_gpt.model import GPT, GPTConfig
 from parallel_gpt.optim import AdamHParams, adam_init
 
@@ -85,11 +86,12 @@ def jit_step(hp: AdamHParams, dtype, grad_accum: int):
     """The training step on one device under plain `jax.jit`: `parallel.step` without the
     device axis (no pmean, no dropout key), the same loss, gradient and update code."""
 
-    def one_device_step(model, xb, yb, opt_state):
-        loss, grads = parallel.loss_and_grads(model, xb, yb, None, grad_accum, dtype)
-        return optim.guarded_update(model, grads, loss, opt_state, hp)
+    def one_device_step(state, xb, yb):
+        loss, grads = parallel.loss_and_grads(state.model, xb, yb, None, grad_accum, dtype)
+        model, opt, metrics = optim.guarded_update(state.model, grads, loss, state.opt, hp)
+        return parallel.TrainState(model, opt), metrics
 
-    return jax.jit(one_device_step, donate_argnums=(0, 3))
+    return jax.jit(one_device_step, donate_argnums=0)
 
 
 def peak_memory_bytes(devices) -> int | None:
@@ -108,12 +110,11 @@ def measure_point(args, n_devices: int, global_batch: int) -> dict:
     loader = synthetic_loader(args.vocab_size, args.block_size, global_batch)
     # A fresh model per runner: donation deletes the buffers a runner was given.
     fresh = lambda: GPT.create(config, key=jax.random.key(0))  # noqa: E731
-    place = lambda s: tuple(parallel.shard_batch(a, mesh) for a in loader.batch(s))  # noqa: E731
-    model = parallel.replicate(fresh(), mesh)
-    params, flops_per_token = model.num_params(), model.flops_per_token()
-    runners = {"pmap": Runner(parallel.pmap_step(mesh, hp=hp, dtype=dtype, grad_accum=args.grad_accum),
-                              model, parallel.replicate(adam_init(model), mesh), place,
-                              extra=(parallel.stop_requests(0, mesh),))}
+    dp = parallel.DataParallel(mesh, hp=hp, dtype=dtype, grad_accum=args.grad_accum)
+    place = lambda s: dp.batch(*loader.batch(s))  # noqa: E731
+    state = dp.place(fresh())
+    params, flops_per_token = state.model.num_params(), state.model.flops_per_token()
+    runners = {"pmap": Runner(dp, state, place)}
     compile_s = {"pmap": runners["pmap"].compile()}
     runners["pmap"].run(args.warmup)
     # Read before any other state exists: the counter is a high-water mark for the process.
@@ -128,8 +129,9 @@ def measure_point(args, n_devices: int, global_batch: int) -> dict:
     if n_devices == 1:
         device = mesh.devices.flat[0]
         # Committed to the device like the outputs, or the second call would compile again.
-        model = jax.device_put(fresh(), device)
-        runners["jit"] = Runner(jit_step(hp, dtype, args.grad_accum), model, jax.device_put(adam_init(model), device),
+        model = fresh()
+        runners["jit"] = Runner(jit_step(hp, dtype, args.grad_accum),
+                                jax.device_put(parallel.TrainState(model, adam_init(model)), device),
                                 lambda s: tuple(jax.device_put(a, device) for a in loader.batch(s)))
         compile_s["jit"] = runners["jit"].compile()
         runners["jit"].run(args.warmup)
@@ -289,13 +291,12 @@ def main(argv=None) -> int:
     if args.point:
         runtime.keep_freed_memory()  # as the training entry point does
         n, global_batch = map(int, args.point.split(","))
-        try:
-            point = measure_point(args, n, global_batch)
-        except parallel.ParallelError as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
-        print(json.dumps(point))
-        return 0
+
+        def point(_) -> int:
+            print(json.dumps(measure_point(args, n, global_batch)))
+            return 0
+
+        return run_cli(point, argv)
 
     counts, points = plan(args)
     results = {}

@@ -25,6 +25,10 @@ import sys
 import threading
 import time
 
+# The trainer's exit code after SIGTERM/SIGINT and a checkpoint (parallel_gpt.errors; spelled
+# here because this script runs without the package; tests/test_errors.py checks they agree).
+EXIT_INTERRUPTED = 75
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -84,7 +88,7 @@ class Group:
                 if code and not first:
                     first = code if code > 0 else 128 - code  # killed by a signal: the shell's convention
                     deadline = time.monotonic() + grace
-                    if first != 75 and not self.signalled:  # a second SIGTERM would end them without saving
+                    if first != EXIT_INTERRUPTED and not self.signalled:  # a second SIGTERM would end them without saving
                         print(f"[launch] process {i} exited with code {first}: stopping the others", file=sys.stderr)
                         self.signal(signal.SIGTERM)
             if deadline is not None and time.monotonic() > deadline:

@@ -34,10 +34,13 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+# The trainer's exit codes, as parallel_gpt.errors names them (spelled here because this
+# script runs where the package may not be installed; tests/test_errors.py checks they agree).
 EXIT_DONE, EXIT_BAD_INPUT, EXIT_NONFINITE = 0, 2, 3
-# 75: stopped by SIGTERM/SIGINT after a checkpoint; 76: a peer died, was stuck or never
-# joined; 134: JAX aborted this process because a peer died. Rerunning resumes from out_dir.
-RETRY_CODES = (75, 76, 134)
+# Stopped by SIGTERM/SIGINT after a checkpoint; a peer died, was stuck or never joined; JAX
+# aborted this process because a peer died. Rerunning resumes from out_dir.
+EXIT_INTERRUPTED, EXIT_PEER, EXIT_ABORTED = 75, 76, 134
+RETRY_CODES = (EXIT_INTERRUPTED, EXIT_PEER, EXIT_ABORTED)
 SSH_FAILED = 255  # ssh's own exit code: the connection failed or dropped
 
 # Runtime software per TPU generation, as Cloud TPU's "TPU software versions" page advises for JAX.
@@ -131,7 +134,7 @@ def run_exit_code(codes: list, gcloud_code: int) -> int:
     unknown (its host lost), gcloud's own code stands, e.g. 255."""
     if not codes or None in codes:
         return gcloud_code
-    causes = [c for c in codes if c not in (EXIT_DONE, 76, 134)]
+    causes = [c for c in codes if c not in (EXIT_DONE, EXIT_PEER, EXIT_ABORTED)]
     return causes[0] if causes else max(codes)
 
 

@@ -19,10 +19,8 @@ def causal_attention_blocks(q, k, v, block: int = 64):
     above the diagonal are never computed (a quarter of the work at T = 128, three eighths
     at T = 256), and XLA:CPU runs the smaller products faster per FLOP. The backward pass
     is written out so that every product has the (m, k) @ (k, n) layout XLA:CPU is fastest
-    at (transposing the (T, hs) operands, not the (T, T) ones): about 10% faster at T = 128
-    than the backward left to autodiff. Forward and backward of 4 heads x 32, B = 16, on 2
-    cores (`benchmarks/attention.py`): 4.2 ms at T = 128 and 14.8 ms at T = 256, against
-    8.7 and 37.8 ms for `jax.nn.dot_product_attention`.
+    at (transposing the (T, hs) operands, not the (T, T) ones). `benchmarks/attention.py`
+    measures it against the other kernels; README, Performance, has the figures.
     """
     return _attention_fwd(q, k, v, block)[0]
 

@@ -21,34 +21,30 @@ import jax
 import numpy as np
 
 from parallel_gpt import files
+from parallel_gpt.errors import CheckpointError, OutputError
 from parallel_gpt.faults import fault_point
 
 ARRAYS, META = "arrays.npz", "meta.json"
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
 
 
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be written or read; the message says which and why."""
-
-
-def _name(path) -> str:
-    parts = []
-    for k in path:
-        parts.append(str(getattr(k, "name", getattr(k, "key", getattr(k, "idx", k)))))
-    return "/".join(parts)
+def leaf_name(path, sep: str = "/") -> str:
+    """A leaf's tree path as checkpoints name it (`h/0/attn/c_attn/weight`); with sep="."
+    it is GPT-2's own name for the tensor (`h.0.attn.c_attn.weight`)."""
+    return sep.join(str(getattr(k, "name", getattr(k, "key", getattr(k, "idx", k)))) for k in path)
 
 
 def flatten(tree, prefix: str) -> dict[str, np.ndarray]:
     """{'prefix/h/0/attn/c_attn/weight': host array} for every leaf of `tree`."""
     leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
     # One host copy per leaf: a replicated array holds the whole value on every device.
-    return {f"{prefix}/{_name(p)}": np.asarray(x.addressable_data(0) if isinstance(x, jax.Array) else x)
+    return {f"{prefix}/{leaf_name(p)}": np.asarray(x.addressable_data(0) if isinstance(x, jax.Array) else x)
             for p, x in leaves}
 
 
 def names(tree, prefix: str) -> list[str]:
     """The names `flatten` gives the leaves of `tree` (which may hold shapes only)."""
-    return [f"{prefix}/{_name(p)}" for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
+    return [f"{prefix}/{leaf_name(p)}" for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
 
 
 def unflatten(template, prefix: str, arrays: dict[str, np.ndarray]):
@@ -56,7 +52,7 @@ def unflatten(template, prefix: str, arrays: dict[str, np.ndarray]):
     leaves, treedef = jax.tree_util.tree_flatten_with_path(template)
     out = []
     for p, t in leaves:
-        name = f"{prefix}/{_name(p)}"
+        name = f"{prefix}/{leaf_name(p)}"
         if name not in arrays:
             raise CheckpointError(f"checkpoint has no array {name!r}")
         a = arrays[name]
@@ -111,7 +107,7 @@ def save(out_dir, step: int, arrays: dict[str, np.ndarray], meta: dict, keep: in
         fault_point(f"save_{step:08d}_renamed")
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise CheckpointError(f"cannot write checkpoint to {root}: {e.strerror or e} "
+        raise OutputError(f"cannot write checkpoint to {root}: {e.strerror or e} "
                               f"(free disk space or choose a writable out_dir); earlier checkpoints are untouched") from None
     for old in checkpoint_dirs(out_dir)[keep:]:
         shutil.rmtree(old, ignore_errors=True)

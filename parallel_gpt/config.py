@@ -15,15 +15,11 @@ import ast
 import dataclasses
 import typing
 
-from parallel_gpt import hf
+from parallel_gpt.errors import ConfigError
 from parallel_gpt.model import GPTConfig, pad_vocab
 from parallel_gpt.optim import AdamHParams
 from parallel_gpt.runtime import ProcessConfig
 from parallel_gpt.tokenizers import TOKENIZERS
-
-
-class ConfigError(ValueError):
-    """Bad configuration; the message names the key and says what to do."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,13 +61,17 @@ class TrainConfig:
                 raise ConfigError(f"{key}={getattr(self, key)} must be a positive integer")
         if self.sample_tokens < 0:
             raise ConfigError(f"sample_tokens={self.sample_tokens} must be >= 0")
-        if self.init_from not in ("auto", "scratch", "resume") and not hf.is_hf_dir(self.init_from):
-            raise ConfigError(f"init_from={self.init_from!r}: use auto, scratch, resume, or a Hugging Face GPT-2 "
-                              f"directory (config.json + model.safetensors)")
+        if not self.init_from.strip():
+            raise ConfigError("init_from is empty: use auto, scratch, resume, or a Hugging Face GPT-2 directory")
         if self.tokenizer not in (None, *TOKENIZERS):
             raise ConfigError(f"tokenizer={self.tokenizer!r}: use {' or '.join(TOKENIZERS)}")
         if self.dtype not in ("float32", "bfloat16"):
             raise ConfigError(f"dtype={self.dtype!r}: use float32 or bfloat16")
+
+    @property
+    def hf_dir(self) -> str | None:
+        """The Hugging Face GPT-2 directory `init_from` names (checked where it is read), or None."""
+        return None if self.init_from in INIT_MODES else self.init_from
 
     def model_config(self, vocab_size: int) -> GPTConfig:
         """The model for a tokenizer of `vocab_size` ids (padded with `pad_vocab`), backend settings unresolved."""
@@ -97,6 +97,7 @@ class TrainConfig:
             raise ConfigError(str(e)) from None
 
 
+INIT_MODES = ("auto", "scratch", "resume")
 _GROUPS = {"model": GPTConfig, "optim": AdamHParams, "process": ProcessConfig, None: TrainConfig}
 
 
@@ -114,9 +115,9 @@ FLAT_KEYS = _flat_keys()  # {flat key: its group in _GROUPS ("model", "optim", "
 PRESETS: dict[str, dict] = {
     # nanoGPT's config/train_shakespeare_char.py, for accelerators: the defaults.
     "shakespeare_char": {},
-    # Sized for a 2-core CPU: 1800 steps in 1m33s, held-out val loss 1.714
-    # (measured). At this size (0.8M parameters) small batches learn more per token: of the
-    # settings tried, batch 16 at lr 3e-3 reached the lowest loss in a 5-minute budget.
+    # Sized for a 2-core CPU: a couple of minutes (README, Quickstart, has the time and the loss).
+    # At this size (0.8M parameters) small batches learn more per token: of the settings
+    # tried, batch 16 at lr 3e-3 reached the lowest loss in a 5-minute budget.
     "cpu": dict(n_layer=4, n_head=4, n_embd=128, block_size=64, batch_size=16, dropout=0.0,
                 learning_rate=3e-3, min_lr=3e-4, warmup_iters=100, max_iters=1800, lr_decay_iters=1800,
                 eval_interval=900, eval_iters=50, log_interval=100, ckpt_interval=900, sample_tokens=300),

@@ -10,8 +10,8 @@ import jax
 import jax.numpy as jnp
 
 from parallel_gpt import checkpoint, hf, runstate
+from parallel_gpt.errors import ConfigError, run_cli
 from parallel_gpt.generate import generate
-from parallel_gpt.tokenizers import DataError
 from parallel_gpt.model import GPT
 
 
@@ -21,20 +21,23 @@ def load_model(out_dir: str, report=print) -> tuple[GPT, object, dict]:
     this version can read."""
     arrays, meta, config, tokenizer = runstate.read_newest(out_dir, report)
     config = config.for_platform(jax.default_backend())
-    template = jax.eval_shape(lambda: GPT.create(config, key=jax.random.key(0)))
-    model = checkpoint.unflatten(template, "model", arrays)
+    model = checkpoint.unflatten(GPT.shapes(config), "model", arrays)
     return jax.tree.map(jnp.asarray, model), tokenizer, meta
 
 
 def load_hf_model(path: str) -> tuple[GPT, object]:
     """The model (kernels chosen for JAX's default backend) and tokenizer of a Hugging Face
     GPT-2 directory; HFError (one line) for one this version cannot load."""
+    hf.check_dir(path, "--init_from")
     config = hf.model_config(path).for_platform(jax.default_backend())
-    template = jax.eval_shape(lambda: GPT.create(config, key=jax.random.key(0)))
-    return jax.tree.map(jnp.asarray, hf.load_model(path, config, template)), hf.tokenizer(path)
+    return jax.tree.map(jnp.asarray, hf.load_model(path, config, GPT.shapes(config))), hf.tokenizer(path)
 
 
 def main(argv=None) -> int:
+    return run_cli(_main, argv)
+
+
+def _main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(prog="python -m parallel_gpt.evaluate", description=__doc__.split("\n\n")[0])
     ap.add_argument("--prompt", required=True, help="text to continue, encoded with the checkpoint's tokenizer "
                                                     "(character-level: every character must be in the vocabulary)")
@@ -48,24 +51,19 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     if args.max_new_tokens < 1 or args.num_samples < 1:
-        print("error: --max_new_tokens and --num_samples must be >= 1", file=sys.stderr)
-        return 2
-    try:
-        if args.init_from:
-            model, tokenizer = load_hf_model(args.init_from)
-        else:
-            model, tokenizer, _ = load_model(args.out_dir, report=lambda m: print(m, file=sys.stderr))
-        shown = []  # a single sample is printed as it is produced, after the inputs were checked
+        raise ConfigError("--max_new_tokens and --num_samples must be >= 1")
+    if args.init_from:
+        model, tokenizer = load_hf_model(args.init_from)
+    else:
+        model, tokenizer, _ = load_model(args.out_dir, report=lambda m: print(m, file=sys.stderr))
+    shown = []  # a single sample is printed as it is produced, after the inputs were checked
 
-        def show(new):
-            print(("" if shown else args.prompt) + new[0], end="", flush=True)
-            shown.append(True)
+    def show(new):
+        print(("" if shown else args.prompt) + new[0], end="", flush=True)
+        shown.append(True)
 
-        texts = generate(model, tokenizer, [args.prompt] * args.num_samples, args.max_new_tokens, args.temperature,
-                         args.top_k, args.top_p, args.seed, stream=show if args.num_samples == 1 else None)
-    except (checkpoint.CheckpointError, DataError, hf.HFError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    texts = generate(model, tokenizer, [args.prompt] * args.num_samples, args.max_new_tokens, args.temperature,
+                     args.top_k, args.top_p, args.seed, stream=show if args.num_samples == 1 else None)
     if shown:
         print()
     else:

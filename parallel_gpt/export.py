@@ -7,7 +7,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from parallel_gpt import checkpoint, hf, runstate
+from parallel_gpt import hf, runstate
+from parallel_gpt.errors import run_cli
 
 
 def export_run(out_dir: str, to: str, report=print) -> str:
@@ -17,18 +18,15 @@ def export_run(out_dir: str, to: str, report=print) -> str:
 
 
 def main(argv=None) -> int:
+    return run_cli(_main, argv)
+
+
+def _main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(prog="python -m parallel_gpt.export", description=__doc__.split("\n\n")[0])
     ap.add_argument("--out_dir", default="out", help="the training run's out_dir (default: out)")
     ap.add_argument("--to", required=True, help="the directory to write")
     args = ap.parse_args(argv)
-    try:
-        print(export_run(args.out_dir, args.to, report=lambda m: print(m, file=sys.stderr)))
-    except (checkpoint.CheckpointError, hf.HFError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except OSError as e:
-        print(f"error: cannot write {args.to} ({e.strerror or e}): choose a writable directory", file=sys.stderr)
-        return 2
+    print(export_run(args.out_dir, args.to, report=lambda m: print(m, file=sys.stderr)))
     return 0
 
 

@@ -2,7 +2,7 @@
 
 When a process of a `jax.distributed` group dies (SIGKILL, out of memory, a lost host),
 JAX's coordination service notices at once and ends every other process (SIGABRT, exit
-code 134) with a multi-line fatal log and a C++ stack trace. JAX offers no hook that runs
+code `errors.EXIT_ABORTED`) with a multi-line fatal log and a C++ stack trace. JAX offers no hook that runs
 our code first: the client's failure callback cannot be set from Python. So
 `runtime.start_processes` routes the process's stderr through this filter, a small
 separate process that outlives it. Every line passes through unchanged, except that such
@@ -21,6 +21,8 @@ import re
 import signal
 import sys
 
+from parallel_gpt.errors import EXIT_ABORTED
+
 FATAL = "Terminating process because the JAX distributed service detected fatal errors"
 MARKER = "parallel_gpt.fatal_filter process_id="
 _DEAD = re.compile(r"stopped sending heartbeats\):\s*([\d\s,]+?)\s*The tasks", re.S)
@@ -36,7 +38,7 @@ def summary(log: str, process_id: str) -> str:
     else:
         what = "the process group failed (" + log.split("absl::Status:", 1)[-1].strip().splitlines()[0][:200] + ")"
     return (f"error: process {process_id}: {what} (killed, out of memory, or its host is gone); JAX ended "
-            f"this process (exit code 134): rerun to resume from the newest checkpoint\n")
+            f"this process (exit code {EXIT_ABORTED}): rerun to resume from the newest checkpoint\n")
 
 
 def main():

@@ -24,6 +24,7 @@ import ml_dtypes
 import numpy as np
 
 from parallel_gpt import checkpoint, tokenizers
+from parallel_gpt.errors import CheckpointError, HFError
 from parallel_gpt.model import GPTConfig, pad_vocab
 
 CONFIG, WEIGHTS = "config.json", "model.safetensors"
@@ -32,12 +33,22 @@ _BUFFERS = (".attn.bias", ".attn.masked_bias")
 _DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16, "F64": np.float64}
 
 
-class HFError(ValueError):
-    """A Hugging Face checkpoint this model cannot load; the message names the field."""
+def hf_key(name: str) -> str:
+    """A checkpoint array's name as a GPT-2 tensor key: model/h/0/attn/c_attn/weight ->
+    transformer.h.0.attn.c_attn.weight (`checkpoint.leaf_name` with sep=".", prefixed)."""
+    return "transformer." + name.removeprefix("model/").replace("/", ".")
 
 
-def is_hf_dir(path: str) -> bool:
-    return (Path(path) / CONFIG).is_file() and (Path(path) / WEIGHTS).is_file()
+def our_name(key: str) -> str:
+    """The inverse of `hf_key` (the `transformer.` prefix optional, as in real files)."""
+    return "model/" + key.removeprefix("transformer.").replace(".", "/")
+
+
+def check_dir(path: str, setting: str = "init_from"):
+    """HFError unless `path` holds a config.json and a model.safetensors."""
+    if not ((Path(path) / CONFIG).is_file() and (Path(path) / WEIGHTS).is_file()):
+        raise HFError(f"{setting}={path!r} is not a Hugging Face GPT-2 directory (config.json + model.safetensors)"
+                      + (": use auto, scratch, resume, or such a directory" if setting == "init_from" else ""))
 
 
 def read_config(path: str) -> dict:
@@ -98,25 +109,24 @@ def load_model(path: str, config: GPTConfig, template):
     config.vocab_size, wpe cropped to config.block_size), checked against `template`
     (the model's shapes, from `jax.eval_shape`)."""
     file = Path(path) / WEIGHTS
-    tensors = {k.removeprefix("transformer."): v for k, v in read_safetensors(file).items()
-               if not k.endswith(_BUFFERS)}
-    head = tensors.pop("lm_head.weight", None)
-    if head is not None and not np.array_equal(head, tensors.get("wte.weight")):
+    tensors = {our_name(k): v for k, v in read_safetensors(file).items() if not k.endswith(_BUFFERS)}
+    head = tensors.pop(our_name("lm_head.weight"), None)
+    if head is not None and not np.array_equal(head, tensors.get(our_name("wte.weight"))):
         raise HFError(f"{file}: lm_head.weight differs from wte.weight (an untied head); this GPT ties them")
     arrays = {}
     for name, a in tensors.items():
         a = np.asarray(a, np.float32)
-        if name == "wte.weight":  # (vocab_tokens, C) -> (vocab_size, C); padding rows are never predicted
+        if name == "model/wte/weight":  # (vocab_tokens, C) -> (vocab_size, C); padding rows are never predicted
             if a.shape[0] != config.vocab_tokens:
                 raise HFError(f"{file}: wte.weight has {a.shape[0]} rows but config.json says vocab_size="
                               f"{config.vocab_tokens}: the files do not belong together")
             a = np.pad(a, ((0, config.vocab_size - a.shape[0]), (0, 0)))
-        elif name == "wpe.weight":
+        elif name == "model/wpe/weight":
             a = a[: config.block_size]
-        arrays["model/" + name.replace(".", "/")] = a
+        arrays[name] = a
     try:
         model = checkpoint.unflatten(template, "model", arrays)
-    except checkpoint.CheckpointError as e:
+    except CheckpointError as e:
         raise HFError(f"{file}: {e}") from None
     unexpected = sorted(arrays.keys() - set(checkpoint.names(template, "model")))
     if unexpected:
@@ -149,7 +159,7 @@ def export(model_config: GPTConfig, arrays: dict[str, np.ndarray], tokenizer, to
     for name, a in arrays.items():
         if not name.startswith("model/"):
             continue
-        key = "transformer." + name.removeprefix("model/").replace("/", ".")
+        key = hf_key(name)
         tensors[key] = np.ascontiguousarray(a[:n] if key == "transformer.wte.weight" else a, np.float32)
     if not c.bias:  # GPT-2 always has biases: zeros compute the same model
         for key in list(tensors):

@@ -70,9 +70,8 @@ class GPTConfig:
         """This config with its "auto" settings chosen for `platform` ("cpu", "gpu", "tpu")
         devices computing activations in `dtype`. ValueError for a choice that cannot run there.
 
-        LayerNorm's written-out backward pass made the 4-layer training step 7-9% faster on
-        a CPU; it has not been measured on accelerators, so "auto" gives them JAX's own
-        derivative of the same forward pass.
+        LayerNorm's written-out backward pass is measured faster on CPUs only (README,
+        Performance), so "auto" gives accelerators JAX's own derivative of the same forward pass.
         """
         ln = self.layernorm_backward
         return dataclasses.replace(
@@ -191,6 +190,12 @@ class GPT(nn.Module):
             _layer_norm(config),
             config,
         )
+
+    @classmethod
+    def shapes(cls, config: GPTConfig) -> "GPT":
+        """The model's tree with shapes and dtypes only (`jax.eval_shape`): a template to
+        load arrays into, with nothing initialised."""
+        return jax.eval_shape(lambda: cls.create(config, key=jax.random.key(0)))
 
     def __call__(self, idx, *, key=None, dtype=jnp.float32):
         """Logits (B, T, vocab_size) for token ids (B, T).

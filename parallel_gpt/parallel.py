@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import collections
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -19,7 +20,8 @@ import numpy as np
 from jax import lax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from parallel_gpt.optim import AdamHParams, guarded_update
+from parallel_gpt.errors import LayoutError
+from parallel_gpt.optim import AdamHParams, AdamState, adam_init, guarded_update
 
 AXIS = "batch"
 # How dropout keys derive from the seed (`dropout_key`); checkpoints record it, and a
@@ -27,18 +29,14 @@ AXIS = "batch"
 RNG_VERSION = 1
 
 
-class ParallelError(ValueError):
-    """A device or batch layout that cannot work; the message says what to change."""
-
-
 def make_mesh(devices: int | None = None) -> Mesh:
     """A 1-D mesh over the first `devices` local devices of every process (default: all)."""
     local = jax.local_devices()
     if devices is not None and not 1 <= devices <= len(local):
-        raise ParallelError(f"devices={devices} but this process has {len(local)} {local[0].platform} device(s): "
+        raise LayoutError(f"devices={devices} but this process has {len(local)} {local[0].platform} device(s): "
                             f"use devices between 1 and {len(local)}")
     if devices is not None and devices < len(local) and jax.process_count() > 1:
-        raise ParallelError("devices=N with several processes is not supported: every process uses all its devices")
+        raise LayoutError("devices=N with several processes is not supported: every process uses all its devices")
     chosen = local[: devices or len(local)] if jax.process_count() == 1 else jax.devices()
     return Mesh(np.array(chosen), (AXIS,))
 
@@ -51,21 +49,16 @@ def make_layout(batch_size: int, grad_accum: int = 1, devices: int | None = None
     n = mesh.size
     per_process = collections.Counter(d.process_index for d in mesh.devices.flat)
     if len(set(per_process.values())) > 1:
-        raise ParallelError(f"processes hold different numbers of devices ({dict(per_process)}): give every process "
+        raise LayoutError(f"processes hold different numbers of devices ({dict(per_process)}): give every process "
                             f"the same number")
     if batch_size % n:
         lower = batch_size // n * n
         nearest = " or ".join(str(b) for b in (lower, lower + n) if b > 0)
-        raise ParallelError(f"batch_size={batch_size} is not divisible by the {n} devices: use {nearest}")
+        raise LayoutError(f"batch_size={batch_size} is not divisible by the {n} devices: use {nearest}")
     if batch_size // n % grad_accum:
-        raise ParallelError(f"grad_accum={grad_accum} does not divide the per-device batch {batch_size // n} "
+        raise LayoutError(f"grad_accum={grad_accum} does not divide the per-device batch {batch_size // n} "
                             f"(batch_size={batch_size} over {n} devices): use a grad_accum that divides it")
     return mesh
-
-
-def replicate(tree, mesh: Mesh):
-    """Place every leaf on every device of `mesh`, once, as one array per leaf."""
-    return jax.device_put(tree, NamedSharding(mesh, P()))
 
 
 def shard_batch(local_rows: np.ndarray, mesh: Mesh) -> jax.Array:
@@ -95,7 +88,7 @@ def loss_and_grads(model, xb, yb, key, grad_accum: int, dtype):
     return jax.tree.map(lambda t: t / grad_accum, total)
 
 
-def step(model, xb, yb, opt_state, stop=None, *, hp: AdamHParams, seed: int = 0, grad_accum: int = 1,
+def step(model, xb, yb, opt_state, stop=0, *, hp: AdamHParams, seed: int = 0, grad_accum: int = 1,
          dtype=jnp.float32):
     """One data-parallel training step, as seen by one device.
 
@@ -103,7 +96,7 @@ def step(model, xb, yb, opt_state, stop=None, *, hp: AdamHParams, seed: int = 0,
     averaged over the device axis, then AdamW (with clipping) updates the replicated state.
     A non-finite loss or gradient norm skips the update: model and optimizer state come
     back unchanged and metrics["nonfinite"] is 1.
-    stop: this device's stop request (a signal number, 0 for none; see `stop_requests`);
+    stop: this device's stop request (a signal number, 0 for none; see `DataParallel.step`);
     metrics["stop"] is the largest over all devices of all processes, so a signal that
     reached one host stops every process at the same step.
     Returns (model, opt_state, metrics); every output is identical on all devices.
@@ -113,15 +106,8 @@ def step(model, xb, yb, opt_state, stop=None, *, hp: AdamHParams, seed: int = 0,
     if lax.axis_size(AXIS) > 1:  # on one device the mean is the identity, but XLA would still copy every gradient
         loss, grads = lax.pmean((loss, grads), AXIS)
     model, opt_state, metrics = guarded_update(model, grads, loss, opt_state, hp)
-    if stop is not None:
-        metrics["stop"] = lax.pmax(stop, AXIS) if lax.axis_size(AXIS) > 1 else stop
+    metrics["stop"] = lax.pmax(stop, AXIS) if lax.axis_size(AXIS) > 1 else stop
     return model, opt_state, metrics
-
-
-def stop_requests(signum: int, mesh: Mesh) -> jax.Array:
-    """This process's stop request (a signal number, or 0) on each of its devices: `step`'s `stop`."""
-    n_local = len(mesh.local_devices)
-    return jax.make_array_from_process_local_data(NamedSharding(mesh, P(AXIS)), np.full(n_local, signum, np.int32))
 
 
 def dropout_key(seed: int, count):
@@ -136,13 +122,66 @@ def eval_step(model, xb, yb, *, dtype=jnp.float32):
     return lax.pmean(model.loss(xb, yb, dtype=dtype), AXIS)
 
 
-def pmap_step(mesh: Mesh, **step_kwargs):
-    """`step` over the devices of `mesh`, called as (model, xb, yb, opt_state, stop) with
-    `stop` from `stop_requests`; model and optimizer state are donated."""
-    return jax.pmap(functools.partial(step, **step_kwargs), axis_name=AXIS, in_axes=(None, 0, 0, None, 0),
-                    out_axes=None, donate_argnums=(0, 3), devices=list(mesh.devices.flat))
+class TrainState(NamedTuple):
+    """What a training step updates: the model and its AdamW state."""
+
+    model: object  # a GPT
+    opt: AdamState
 
 
-def pmap_eval(mesh: Mesh, **kwargs):
-    return jax.pmap(functools.partial(eval_step, **kwargs), axis_name=AXIS, in_axes=(None, 0, 0),
-                    out_axes=None, devices=list(mesh.devices.flat))
+def state_shardings(state: TrainState, mesh: Mesh) -> TrainState:
+    """Where each leaf of `state` lives on `mesh`: the one place that decides the state's
+    layout. Replicated: one array per leaf holding the whole value on every device."""
+    return jax.tree.map(lambda _: NamedSharding(mesh, P()), state)
+
+
+class DataParallel:
+    """The per-device `step` over the devices of `mesh`, with what it needs around it:
+    placing the training state and the batches, and the stop requests it agrees on.
+
+        dp = DataParallel(mesh, hp=hp)
+        state = dp.place(model)                  # AdamW state made when not given
+        state, metrics = dp.step(state, *dp.batch(x, y))
+    """
+
+    def __init__(self, mesh: Mesh, *, hp: AdamHParams, seed: int = 0, grad_accum: int = 1, dtype=jnp.float32):
+        self.mesh = mesh
+        devices = list(mesh.devices.flat)
+        # State in and out once per step (in_axes/out_axes None: `state_shardings`'s
+        # replicated layout), batches and stop requests split over the device axis.
+        self._step = jax.pmap(functools.partial(step, hp=hp, seed=seed, grad_accum=grad_accum, dtype=dtype),
+                              axis_name=AXIS, in_axes=(None, 0, 0, None, 0), out_axes=None, donate_argnums=(0, 3),
+                              devices=devices)
+        self._eval = jax.pmap(functools.partial(eval_step, dtype=dtype), axis_name=AXIS, in_axes=(None, 0, 0),
+                              out_axes=None, devices=devices)
+        self._stops = {}  # signal number -> its `stop` input, placed once
+
+    def place(self, model, opt: AdamState | None = None) -> TrainState:
+        """The training state on the mesh, laid out by `state_shardings`."""
+        state = TrainState(model, adam_init(model) if opt is None else opt)
+        return jax.device_put(state, state_shardings(state, self.mesh))
+
+    def batch(self, *local_rows: np.ndarray) -> tuple[jax.Array, ...]:
+        """This process's rows of each array, placed over the mesh (`shard_batch`)."""
+        return tuple(shard_batch(a, self.mesh) for a in local_rows)
+
+    def step(self, state: TrainState, xb, yb, signum: int = 0) -> tuple[TrainState, dict]:
+        """One training step; `signum` is this process's stop request (0: none), and
+        metrics["stop"] the one agreed by every process. `state` is donated."""
+        model, opt, metrics = self._step(state.model, xb, yb, state.opt, self._stop(signum))
+        return TrainState(model, opt), metrics
+
+    def lower(self, state: TrainState, xb, yb):
+        """The step traced and lowered for these arguments (`.compile()` it to time compilation)."""
+        return self._step.lower(state.model, xb, yb, state.opt, self._stop(0))
+
+    def eval(self, model, xb, yb) -> jax.Array:
+        """Mean loss over the global batch, no dropout."""
+        return self._eval(model, xb, yb)
+
+    def _stop(self, signum: int) -> jax.Array:
+        if signum not in self._stops:
+            n_local = len(self.mesh.local_devices)
+            self._stops[signum] = jax.make_array_from_process_local_data(
+                NamedSharding(self.mesh, P(AXIS)), np.full(n_local, signum, np.int32))
+        return self._stops[signum]

@@ -21,9 +21,8 @@ are appended to as pieces come back, in order. So peak memory does not grow with
 input. Per process it is the interpreter with numpy and tiktoken's ranks (~55 MiB) plus
 at most ~60 bytes per piece character in the process that encodes (<= 16 MiB) and, in
 the parent of --workers > 1, ~24 bytes per character for each piece in flight (<= 12 MiB
-per worker): 4-byte characters that are 3 tokens each are the worst case. Measured at
-1 worker on 64 MiB files: 57 MiB peak for English, 62 MiB for Japanese, 66 MiB for
-emoji. Held whole, outside that bound: one JSON Lines row, and a run of more than
+per worker): 4-byte characters that are 3 tokens each are the worst case (measured peaks:
+README, and `benchmarks/prepare.py`). Held whole, outside that bound: one JSON Lines row, and a run of more than
 PIECE_CHARS characters with no such GPT-2 cut (tiktoken needs it whole for exact ids).
 
 The output is byte-identical for any --workers. It is written to DIR.tmp-<pid> and
@@ -55,7 +54,8 @@ import numpy as np
 
 from parallel_gpt.files import fsync
 from parallel_gpt.faults import fault_point
-from parallel_gpt.tokenizers import TOKENIZERS, CharTokenizer, DataError, GPT2Tokenizer
+from parallel_gpt.errors import DataError, run_cli
+from parallel_gpt.tokenizers import TOKENIZERS, CharTokenizer, GPT2Tokenizer
 
 META_FORMAT = 1
 PIECE_CHARS = 1 << 18  # characters encoded in one call; the memory bound scales with it
@@ -363,6 +363,10 @@ def _write(files, tmp: Path, tokenizer_name: str, workers: int, val_fraction: fl
 
 
 def main(argv=None) -> int:
+    return run_cli(_main, argv)
+
+
+def _main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("inputs", nargs="+", metavar="INPUT")
     parser.add_argument("--tokenizer", choices=TOKENIZERS, default="gpt2")
@@ -372,16 +376,9 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--jsonl_field", default="text")
     parser.add_argument("--overwrite", action="store_true")
-    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
-    try:
-        print(prepare(args.inputs, args.out, args.tokenizer, args.workers, args.val_fraction, args.seed,
-                      args.jsonl_field, args.overwrite))
-    except DataError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except OSError as e:
-        print(f"error: {e.filename or ''}: {e.strerror or e}: check the path and free disk space", file=sys.stderr)
-        return 2
+    args = parser.parse_args(argv)
+    print(prepare(args.inputs, args.out, args.tokenizer, args.workers, args.val_fraction, args.seed,
+                  args.jsonl_field, args.overwrite))
     return 0
 
 

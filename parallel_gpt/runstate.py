@@ -24,10 +24,11 @@ import jax
 import jax.numpy as jnp
 
 from parallel_gpt import checkpoint, hf, parallel, runtime
-from parallel_gpt.config import ConfigError, TrainConfig
+from parallel_gpt.config import TrainConfig
+from parallel_gpt.errors import CheckpointError, ConfigError, DataError, OutputError
 from parallel_gpt import tokenizers
 from parallel_gpt.model import GPT, GPTConfig, pad_vocab
-from parallel_gpt.optim import AdamState, adam_init
+from parallel_gpt.optim import adam_init
 from parallel_gpt.runtime import is_main_process, print0
 
 META_FORMAT = 2
@@ -38,12 +39,12 @@ FIXED_ON_RESUME = ("n_layer", "n_head", "n_embd", "block_size", "bias", "layer_n
 _RUN_CONTROL = ("init_from", "out_dir")
 
 
-def save_checkpoint(tconf: TrainConfig, step: int, model: GPT, opt_state: AdamState, tokenizer):
+def save_checkpoint(tconf: TrainConfig, step: int, state: parallel.TrainState, tokenizer):
     """Process 0 writes checkpoint `step` of the run (atomically; see checkpoint.save)."""
     if not is_main_process():
         return
-    arrays = {**checkpoint.flatten(model, "model"), **checkpoint.flatten(opt_state, "opt")}
-    meta = {"format": META_FORMAT, "model": dataclasses.asdict(model.config), "tokenizer": tokenizer.to_json(),
+    arrays = {**checkpoint.flatten(state.model, "model"), **checkpoint.flatten(state.opt, "opt")}
+    meta = {"format": META_FORMAT, "model": dataclasses.asdict(state.model.config), "tokenizer": tokenizer.to_json(),
             "train": tconf.to_flat(), "rng": {"seed": tconf.seed, "version": parallel.RNG_VERSION},
             "data": {"next_step": step}}
     checkpoint.save(tconf.out_dir, step, arrays, meta, keep=tconf.keep_checkpoints)
@@ -54,17 +55,17 @@ def read_meta(meta: dict, where: str) -> dict:
     fmt = meta.get("format")
     if fmt == 1:
         if not (isinstance(meta.get("config"), dict) and isinstance(meta.get("tokenizer"), dict)):
-            raise checkpoint.CheckpointError(f"{where}: its format 1 meta.json lacks config or tokenizer: "
-                                             f"the checkpoint is damaged")
+            raise CheckpointError(f"{where}: its format 1 meta.json lacks config or tokenizer: "
+                                  f"the checkpoint is damaged")
         meta = _from_format_1(meta)
     elif fmt != META_FORMAT:
-        raise checkpoint.CheckpointError(f"{where} has metadata format {fmt!r}, this version reads 1 and "
-                                         f"{META_FORMAT}: use the version of parallel_gpt that wrote it")
+        raise CheckpointError(f"{where} has metadata format {fmt!r}, this version reads 1 and "
+                              f"{META_FORMAT}: use the version of parallel_gpt that wrote it")
     missing = [k for k in ("model", "tokenizer", "train", "rng") if not isinstance(meta.get(k), dict)]
     if not isinstance(meta.get("step"), int):
         missing.append("step")
     if missing:
-        raise checkpoint.CheckpointError(f"{where}: meta.json lacks {', '.join(missing)}: the checkpoint is damaged")
+        raise CheckpointError(f"{where}: meta.json lacks {', '.join(missing)}: the checkpoint is damaged")
     return meta
 
 
@@ -87,18 +88,18 @@ def read_model_config(meta: dict, where: str) -> GPTConfig:
     model.setdefault("vocab_tokens", read_tokenizer(meta, where).vocab_size)
     unknown = sorted(model.keys() - hints.keys())
     if unknown:
-        raise checkpoint.CheckpointError(f"{where} has model settings this version does not know "
-                                         f"({', '.join(unknown)}): use the version of parallel_gpt that wrote it")
+        raise CheckpointError(f"{where} has model settings this version does not know "
+                              f"({', '.join(unknown)}): use the version of parallel_gpt that wrote it")
     wrong = [f"{k}={v!r}" for k, v in model.items() if not _has_type(v, hints[k])]
     if wrong:
-        raise checkpoint.CheckpointError(f"{where} has model settings of the wrong type ({', '.join(wrong)}): "
-                                         f"the checkpoint is damaged")
+        raise CheckpointError(f"{where} has model settings of the wrong type ({', '.join(wrong)}): "
+                              f"the checkpoint is damaged")
     try:
         config = GPTConfig(**model)
     except ValueError as e:
-        raise checkpoint.CheckpointError(f"{where} has an invalid model config ({e})") from None
+        raise CheckpointError(f"{where} has an invalid model config ({e})") from None
     if config.vocab_size is None:
-        raise checkpoint.CheckpointError(f"{where} has no vocab_size in its model config: the checkpoint is damaged")
+        raise CheckpointError(f"{where} has no vocab_size in its model config: the checkpoint is damaged")
     return config
 
 
@@ -113,8 +114,8 @@ def _has_type(value, hint) -> bool:
 def read_tokenizer(meta: dict, where: str):
     try:
         return tokenizers.from_json(meta["tokenizer"])
-    except tokenizers.DataError as e:
-        raise checkpoint.CheckpointError(f"{where} has {e}") from None
+    except DataError as e:
+        raise CheckpointError(f"{where} has {e}") from None
 
 
 def read_newest(out_dir: str, report=print):
@@ -122,7 +123,7 @@ def read_newest(out_dir: str, report=print):
     sampling and export; CheckpointError (one line) when there is none this version reads."""
     found = checkpoint.load_latest(out_dir, report=report)
     if found is None:
-        raise checkpoint.CheckpointError(
+        raise CheckpointError(
             f"no checkpoint in {out_dir!r}: train one first with `python -m parallel_gpt.train --out_dir={out_dir}`")
     arrays, meta = found
     where = f"the checkpoint of step {meta.get('step')} in {out_dir!r}"
@@ -140,14 +141,13 @@ def init_or_resume(tconf: TrainConfig, tokenizer, platform: str):
         config = tconf.model_config(tokenizer.vocab_size).for_platform(platform, jnp.dtype(tconf.dtype))
     except ValueError as e:  # a kernel that cannot run on these devices
         raise ConfigError(str(e)) from None
-    create = lambda: GPT.create(config, key=jax.random.key(tconf.seed))  # noqa: E731
-    template = jax.eval_shape(create)  # shapes only: no initialisation when resuming
+    template = GPT.shapes(config)  # shapes only: no initialisation when resuming
     templates = (template, jax.eval_shape(adam_init, template))
     loaded = {}
     start = runtime.on_process_0(_load_newest, tconf, tokenizer, config, templates, loaded)
     if start == "scratch":
         # One compiled initialiser instead of a dispatch (and a compile) per weight matrix.
-        return jax.jit(create)(), None, 0
+        return jax.jit(lambda: GPT.create(config, key=jax.random.key(tconf.seed)))(), None, 0
     if start == "hf":
         return runtime.broadcast_tree(loaded.get("model"), templates[0]), None, 0
     model, opt_state = runtime.broadcast_tree(loaded.get("state"), templates)
@@ -164,14 +164,14 @@ def _load_newest(tconf: TrainConfig, tokenizer, config, templates, loaded: dict)
                           f"to continue them or choose another out_dir")
     if tconf.init_from == "scratch" or (tconf.init_from == "auto" and not has_ckpt):
         return "scratch"
-    if tconf.init_from != "resume" and not has_ckpt:  # a Hugging Face directory; its run resumes once saved
-        loaded["model"] = hf.load_model(tconf.init_from, config, templates[0])
-        print0(f"starting from the Hugging Face checkpoint in {tconf.init_from}")
+    if tconf.hf_dir is not None and not has_ckpt:  # its run resumes once saved
+        loaded["model"] = hf.load_model(tconf.hf_dir, config, templates[0])
+        print0(f"starting from the Hugging Face checkpoint in {tconf.hf_dir}")
         return "hf"
     found = checkpoint.load_latest(tconf.out_dir, report=lambda msg: print0(msg, file=sys.stderr))
     if found is None:
-        raise checkpoint.CheckpointError(f"no valid checkpoint to resume in {tconf.out_dir!r}: "
-                                         f"use --init_from=scratch (in a new out_dir) to start a new run")
+        raise CheckpointError(f"no valid checkpoint to resume in {tconf.out_dir!r}: "
+                              f"use --init_from=scratch (in a new out_dir) to start a new run")
     arrays, meta = found
     meta = read_meta(meta, f"the checkpoint of step {meta.get('step')} in {tconf.out_dir!r}")
     check_resume(meta, tconf, tokenizer)
@@ -201,11 +201,11 @@ def check_resume(meta: dict, tconf: TrainConfig, tokenizer):
 
 
 def check_writable(out_dir: str):
-    """CheckpointError, before any training, when out_dir cannot be written."""
+    """OutputError, before any training, when out_dir cannot be written."""
     try:
         Path(out_dir).mkdir(parents=True, exist_ok=True)
         probe = Path(out_dir) / f".write_test_{os.getpid()}"
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as e:
-        raise checkpoint.CheckpointError(f"out_dir {out_dir!r} is not writable ({e.strerror}): choose another out_dir")
+        raise OutputError(f"out_dir {out_dir!r} is not writable ({e.strerror}): choose another out_dir")

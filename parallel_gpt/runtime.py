@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ctypes
 import dataclasses
+import enum
 import hashlib
 import importlib.metadata
 import importlib.util
@@ -26,6 +27,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from parallel_gpt import fatal_filter
+from parallel_gpt.errors import EXIT_PEER, ProcessSetupError
 
 # glibc mallopt(3) parameters.
 _M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8
@@ -37,12 +39,11 @@ def keep_freed_memory() -> bool:
     XLA:CPU allocates the buffers of every step anew: tens of megabytes of activations and
     gradients at the shapes we train on a CPU. By default glibc serves such blocks with
     mmap, or from per-thread heaps that it unmaps once empty, so each step touches fresh
-    pages and the kernel zeroes them in page faults: the forward and backward pass of
-    4/4/128 block 128 batch 16 takes 263 ms (134 ms of it system time) that way, and
-    189 ms (14 ms) with this setting: one heap, no mmap, no trimming below 2 GiB. The costs:
-    the memory of the largest step stays with the process, and compiling is slower with
-    every thread on one heap (4.4 s -> 5.3 s for that model's training step). So the
-    training entry point and the benchmarks use it and sampling does not.
+    pages and the kernel zeroes them in page faults. This setting keeps one heap, no mmap,
+    no trimming below 2 GiB (README, Performance, has the step times with and without).
+    The costs: the memory of the largest step stays with the process, and compiling is
+    slower with every thread on one heap. So the training entry point and the benchmarks
+    use it and sampling does not.
 
     Process-wide, and it only works before JAX starts its CPU threads: call it first thing.
     Returns whether it applied: with glibc, when JAX will compute on the CPU (JAX_PLATFORMS
@@ -76,13 +77,6 @@ def print0(*args, **kwargs):
 
 
 # --- the process group ---------------------------------------------------------------------
-
-
-class ProcessSetupError(ValueError):
-    """Process settings that cannot form a group, or processes started differently."""
-
-
-EXIT_PEER = 76  # a process of the group died, was stuck or never joined: rerunning resumes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -275,6 +269,20 @@ def barrier(name: str):
         multihost_utils.sync_global_devices(name)
 
 
+class Phase(enum.Enum):
+    """What the main thread is doing, as the watchdog needs to know it."""
+
+    STEP = "step"  # a training step: starts the step's time
+    STEP_WAIT = "step wait"  # waiting for a step's results: still the step's time; may wait for the others
+    WORK = "work"  # this process's own work outside a step (a checkpoint): not a step's time
+    WAIT = "wait"  # waiting for the other processes (an evaluation's collectives, a barrier)
+
+    @property
+    def waits(self) -> bool:
+        """Whether a process in this phase may only be waiting for a stuck peer."""
+        return self in (Phase.STEP_WAIT, Phase.WAIT)
+
+
 class Watchdog:
     """Ends every process of a multi-process run whose main thread stays in one phase
     (a step, an evaluation, a checkpoint, a barrier) longer than `timeout` seconds.
@@ -287,7 +295,7 @@ class Watchdog:
     """
 
     def __init__(self, timeout: float):
-        self.timeout, self.label, self.since = timeout, "starting", time.monotonic()
+        self.timeout, self.label, self.kind, self.since = timeout, "starting", Phase.WORK, time.monotonic()
         self.slowest, self._step_start = 0.0, None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._watch, daemon=True, name="watchdog")
@@ -300,18 +308,17 @@ class Watchdog:
     def __exit__(self, *exc):
         self._stop.set()
 
-    def phase(self, label: str, *, step: bool = False):
-        """The main thread enters `label`: "waiting ..." for a wait on the other processes,
-        anything else for this process's own work. `step=True` marks the start of a
-        training step; the time between two such marks is the step time reported."""
+    def phase(self, kind: Phase, label: str):
+        """The main thread enters `label`, a phase of `kind`. The time between two STEP
+        phases, with only STEP_WAIT phases between them, is a step's time (`slowest`)."""
         now = time.monotonic()
-        if step:
+        if kind is Phase.STEP:
             if self._step_start is not None:
                 self.slowest = max(self.slowest, now - self._step_start)
             self._step_start = now
-        elif not label.startswith(("waiting for step", "waiting for the metrics")):
+        elif kind is not Phase.STEP_WAIT:
             self._step_start = None  # an evaluation or a checkpoint is not a step's time
-        self.label, self.since = label, now
+        self.kind, self.label, self.since = kind, label, now
 
     def _watch(self):
         from jax._src import distributed  # the key-value store of the process group; no public API
@@ -319,18 +326,19 @@ class Watchdog:
         client = distributed.global_state.client
         me, published = jax.process_index(), None
         while not self._stop.wait(min(1.0, self.timeout / 10)):
-            label, since = self.label, self.since
+            kind, label, since = self.kind, self.label, self.since
             stalled = time.monotonic() - since
             if stalled > self.timeout / 2 and published != (label, since):
-                client.key_value_set(f"parallel_gpt/phase/{me}", label, allow_overwrite=True)
+                client.key_value_set(f"parallel_gpt/phase/{me}", json.dumps([kind.value, label]), allow_overwrite=True)
                 published = (label, since)
             if stalled > self.timeout:
                 exit_now(self._verdict(client, me, label, stalled))
 
     def _verdict(self, client, me: int, label: str, stalled: float) -> str:
-        phases = {int(k.rsplit("/", 1)[1]): v for k, v in client.key_value_dir_get("parallel_gpt/phase/")}
-        working = [p for p in range(jax.process_count()) if not phases.get(p, "").startswith("waiting")]
-        culprits = ", ".join(f"process {p} ({phases.get(p, 'no report')})" for p in working) or "none in its own work"
+        phases = {int(k.rsplit("/", 1)[1]): json.loads(v) for k, v in client.key_value_dir_get("parallel_gpt/phase/")}
+        working = [p for p in range(jax.process_count()) if p not in phases or not Phase(phases[p][0]).waits]
+        culprits = ", ".join(f"process {p} ({phases[p][1] if p in phases else 'no report'})"
+                             for p in working) or "none in its own work"
         return (f"process {me}: no progress for {stalled:.0f} s in {label} (step_timeout={self.timeout:g} s, slowest "
                 f"step so far {self.slowest:.2f} s); stuck: {culprits}; stopping: rerun to resume from the newest "
                 f"checkpoint, or raise step_timeout if the work is merely slow")

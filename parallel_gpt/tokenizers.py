@@ -23,6 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
+from parallel_gpt.errors import DataError
+
 ASSETS = Path(__file__).resolve().parent / "assets"
 # OpenAI's gpt2.tiktoken, byte-identical to the copy the MIT-licensed openai-whisper sdist
 # carries as whisper/assets/gpt2.tiktoken; tiktoken pins the same hash for r50k_base.
@@ -33,10 +35,6 @@ GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|
 EOT = "<|endoftext|>"
 # Where GPT-2 text can be cut: a space or line break after a non-whitespace character.
 _GPT2_CUT = re.compile(r"(?<=\S)[ \n]")
-
-
-class DataError(ValueError):
-    """Bad text or dataset input; the message says what is wrong and what to do."""
 
 
 def token_dtype(vocab_size: int) -> np.dtype:

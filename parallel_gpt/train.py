@@ -6,10 +6,10 @@ Without --preset the defaults are sized for the backend found: `cpu` on a CPU (a
 minutes), `shakespeare_char` (nanoGPT's) on GPUs and TPUs. The same command runs on many
 processes (`launch/`): each joins the group first (`runtime.start_processes`).
 
-Exit codes: 0 done; 2 bad input (one line on stderr says what to change); 3 stopped after
-`max_nonfinite` consecutive non-finite updates; 75 interrupted by SIGTERM/SIGINT after
-saving a checkpoint; 76 a process of the group died, was stuck or never joined. After 75
-and 76 the same command resumes from the newest checkpoint.
+Exit codes are `errors.EXIT_*`: 0 done; 2 bad input (one line on stderr says what to
+change); 3 stopped after `max_nonfinite` consecutive non-finite updates; 75 interrupted by
+SIGTERM/SIGINT after saving a checkpoint; 76 a process of the group died, was stuck or
+never joined. After 75 and 76 the same command resumes from the newest checkpoint.
 """
 
 from __future__ import annotations
@@ -26,23 +26,16 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from parallel_gpt import checkpoint, hf, parallel, perf, runstate, runtime
+from parallel_gpt import hf, parallel, perf, runstate, runtime
+from parallel_gpt.config import TrainConfig, default_preset, make_config, parse_overrides, process_config
+from parallel_gpt.data import DataLoader, load_corpus
+from parallel_gpt.errors import EXIT_INTERRUPTED, NonFiniteError, run_cli
 from parallel_gpt.faults import fault_point
-from parallel_gpt.config import (ConfigError, TrainConfig, default_preset, make_config, parse_overrides,
-                                 process_config)
-from parallel_gpt.data import DataError, DataLoader, load_corpus
 from parallel_gpt.generate import generate
 from parallel_gpt.metrics import Reporter
 from parallel_gpt.model import GPT
-from parallel_gpt.optim import AdamState, adam_init
-from parallel_gpt.runtime import Watchdog, is_main_process, keep_freed_memory, print0
-
-EXIT_BAD_INPUT, EXIT_NONFINITE, EXIT_INTERRUPTED = 2, 3, 75
-EXIT_PEER = runtime.EXIT_PEER  # a process of the group never joined or was stuck (runtime.exit_now)
-
-
-class NonFiniteError(RuntimeError):
-    pass
+from parallel_gpt.optim import AdamState
+from parallel_gpt.runtime import Phase, Watchdog, is_main_process, keep_freed_memory, print0
 
 
 class Interrupted(Exception):
@@ -88,117 +81,127 @@ class NonFiniteCounter:
                     f"lower learning_rate or check the data; the newest checkpoint is the last good state")
 
 
-def estimate_loss(peval, model, dataloader, mesh, eval_iters: int) -> dict[str, float]:
+def estimate_loss(dp: parallel.DataParallel, model, dataloader, eval_iters: int) -> dict[str, float]:
     """Mean loss over `eval_iters` fixed batches of each split (one host sync at the end)."""
-    losses = {split: [peval(model, *(parallel.shard_batch(a, mesh) for a in dataloader.eval_batch(split, i)))
-                      for i in range(eval_iters)] for split in ("train", "val")}
+    losses = {split: [dp.eval(model, *dp.batch(*dataloader.eval_batch(split, i))) for i in range(eval_iters)]
+              for split in ("train", "val")}
     return {split: float(np.mean(jax.device_get(v))) for split, v in losses.items()}
 
 
-def train(model: GPT, dataloader: DataLoader, tconf: TrainConfig, *, mesh: Mesh | None = None,
-          opt_state: AdamState | None = None, start_step: int = 0):
-    """Train `model` from update `start_step` to `tconf.max_iters`; returns (model, opt_state).
+def train(model: GPT, dataloader: DataLoader, tconf: TrainConfig, *, opt_state: AdamState | None = None,
+          start_step: int = 0) -> GPT:
+    """Train `model` from update `start_step` to `tconf.max_iters`; returns the trained model.
 
     Batch `step` of `dataloader` feeds update `step`, so a run resumed from a checkpoint at
-    step s replays exactly what an uninterrupted run would have done after s. `mesh`
-    defaults to `parallel.make_layout` of tconf's batch over tconf's devices.
+    step s replays exactly what an uninterrupted run would have done after s.
     """
-    if mesh is None:
-        mesh = parallel.make_layout(tconf.batch_size, tconf.grad_accum, tconf.devices)
-    dtype = jnp.dtype(tconf.dtype)
-    pstep = parallel.pmap_step(mesh, hp=tconf.optim, seed=tconf.seed, grad_accum=tconf.grad_accum, dtype=dtype)
-    peval = parallel.pmap_eval(mesh, dtype=dtype)
-    model = parallel.replicate(model, mesh)
-    opt_state = parallel.replicate(opt_state if opt_state is not None else adam_init(model), mesh)
-    place = lambda s: tuple(parallel.shard_batch(a, mesh) for a in dataloader.batch(s))  # noqa: E731
-
-    tokens_per_step = tconf.batch_size * model.config.block_size
-    reporter = Reporter(Path(tconf.out_dir), start_step, tconf.max_iters, tokens_per_step, model.flops_per_token(),
-                        perf.peak_flops(mesh.devices.flat, tconf.dtype))
-    nonfinite = NonFiniteCounter(tconf.max_nonfinite)
-    processes = f" in {jax.process_count()} processes" if jax.process_count() > 1 else ""
-    print0(f"{model.num_params() / 1e6:.2f}M parameters, {mesh.size} {mesh.devices.flat[0].platform} device(s)"
-           f"{processes}, "
-           f"{tokens_per_step:,} tokens per step, steps {start_step} -> {tconf.max_iters}")
-
-    stop_requests = {}  # signal number -> its `stop` input, placed once
+    mesh = parallel.make_layout(tconf.batch_size, tconf.grad_accum, tconf.devices)
+    dp = parallel.DataParallel(mesh, hp=tconf.optim, seed=tconf.seed, grad_accum=tconf.grad_accum,
+                               dtype=jnp.dtype(tconf.dtype))
+    state = dp.place(model, opt_state)
+    loop = _Loop(tconf, dp, dataloader, _reporter(tconf, model, mesh, start_step))
     agreed_stop = None  # the previous step's metrics["stop"]: the stop agreed by every process
-    batch = place(start_step) if start_step < tconf.max_iters else None
-    with StopSignals() as signals, Watchdog(tconf.process.step_timeout) as watchdog, contextlib.closing(reporter):
+    batch = dp.batch(*dataloader.batch(start_step)) if start_step < tconf.max_iters else None
+    with StopSignals() as signals, loop.watchdog, contextlib.closing(loop.reporter):
         for step in range(start_step + 1, tconf.max_iters + 1):
-            watchdog.phase(f"step {step}", step=True)
-            if signals.signum not in stop_requests:
-                stop_requests[signals.signum] = parallel.stop_requests(signals.signum, mesh)
-            model, opt_state, metrics = pstep(model, *batch, opt_state, stop_requests[signals.signum])
+            loop.watchdog.phase(Phase.STEP, f"step {step}")
+            state, metrics = dp.step(state, *batch, signals.signum)
             fault_point(f"step_{step}")
             if step < tconf.max_iters:
-                batch = place(step)  # the next batch is built and placed while this step runs
-            reporter.add(metrics)
+                batch = dp.batch(*dataloader.batch(step))  # the next batch is built and placed while this step runs
+            loop.reporter.add(metrics)
             # Act on the stop agreed in the previous step: reading it waits for that step
             # only, not this one, and every process reads the same value here, so all of
             # them save this step and stop together. A signal that lands after this step's
             # `stop` input was placed is agreed in the next step.
-            watchdog.phase(f"waiting for step {step - 1}")
-            stop = int(agreed_stop) if agreed_stop is not None else 0
-            agreed_stop = metrics["stop"]
+            loop.watchdog.phase(Phase.STEP_WAIT, f"waiting for step {step - 1}")
+            stop, agreed_stop = (int(agreed_stop) if agreed_stop is not None else 0), metrics["stop"]
             last = step == tconf.max_iters
             evaluate = step % tconf.eval_interval == 0 or last
             save = step % tconf.ckpt_interval == 0 or last or stop
-
             # Metrics reach the host only here; also before evaluating or saving, so that a
             # run that only skips non-finite updates stops before it writes a checkpoint.
             if step % tconf.log_interval == 0 or evaluate or save:
-                watchdog.phase(f"waiting for the metrics of step {step}")
-                fault_point(f"fetch_{step}")
-                nonfinite.check(reporter.report(step), step)
-            with reporter.paused():
+                loop.report(step)
+            with loop.reporter.paused():
                 if evaluate:
-                    watchdog.phase(f"waiting for the evaluation at step {step}")
-                    fault_point(f"eval_{step}")
-                    reporter.evaluation(step, estimate_loss(peval, model, dataloader, mesh, tconf.eval_iters))
+                    loop.evaluate(step, state.model)
                 if save:
-                    watchdog.phase(f"writing checkpoint {step}")
-                    reporter.flush()
-                    runstate.save_checkpoint(tconf, step, model, opt_state, dataloader.corpus.tokenizer)
-                    # No process runs ahead of a checkpoint that process 0 is still writing.
-                    watchdog.phase(f"waiting at the barrier after checkpoint {step}")
-                    runtime.barrier(f"checkpoint {step}")
+                    loop.save(step, state)
             if stop:
                 raise Interrupted(f"stopped by {signal.Signals(stop).name} at step {step}; checkpoint saved: "
                                   f"run the same command to resume")
-    return model, opt_state
+    return state.model
+
+
+def _reporter(tconf: TrainConfig, model: GPT, mesh, start_step: int) -> Reporter:
+    """The run's Reporter, after the line that says what is about to train."""
+    tokens_per_step = tconf.batch_size * model.config.block_size
+    processes = f" in {jax.process_count()} processes" if jax.process_count() > 1 else ""
+    print0(f"{model.num_params() / 1e6:.2f}M parameters, {mesh.size} {mesh.devices.flat[0].platform} device(s)"
+           f"{processes}, {tokens_per_step:,} tokens per step, steps {start_step} -> {tconf.max_iters}")
+    return Reporter(Path(tconf.out_dir), start_step, tconf.max_iters, tokens_per_step, model.flops_per_token(),
+                    perf.peak_flops(mesh.devices.flat, tconf.dtype))
+
+
+class _Loop:
+    """What the training loop does besides stepping: report, evaluate, save; each names
+    its phase to the watchdog and has its fault point."""
+
+    def __init__(self, tconf: TrainConfig, dp: parallel.DataParallel, dataloader: DataLoader, reporter: Reporter):
+        self.tconf, self.dp, self.dataloader, self.reporter = tconf, dp, dataloader, reporter
+        self.nonfinite = NonFiniteCounter(tconf.max_nonfinite)
+        self.watchdog = Watchdog(tconf.process.step_timeout)
+
+    def report(self, step: int):
+        self.watchdog.phase(Phase.STEP_WAIT, f"waiting for the metrics of step {step}")
+        fault_point(f"fetch_{step}")
+        self.nonfinite.check(self.reporter.report(step), step)
+
+    def evaluate(self, step: int, model):
+        self.watchdog.phase(Phase.WAIT, f"waiting for the evaluation at step {step}")
+        fault_point(f"eval_{step}")
+        self.reporter.evaluation(step, estimate_loss(self.dp, model, self.dataloader, self.tconf.eval_iters))
+
+    def save(self, step: int, state: parallel.TrainState):
+        self.watchdog.phase(Phase.WORK, f"writing checkpoint {step}")
+        self.reporter.flush()
+        runstate.save_checkpoint(self.tconf, step, state, self.dataloader.corpus.tokenizer)
+        # No process runs ahead of a checkpoint that process 0 is still writing.
+        self.watchdog.phase(Phase.WAIT, f"waiting at the barrier after checkpoint {step}")
+        runtime.barrier(f"checkpoint {step}")
 
 
 def main(argv=None) -> int:
     keep_freed_memory()  # before JAX starts its CPU threads
-    argv = sys.argv[1:] if argv is None else argv
+    return run_cli(_main, argv, leave=_leave)
+
+
+def _main(argv: list[str]) -> int:
+    preset, overrides = parse_overrides(argv)
+    group = runtime.start_processes(process_config(overrides))  # before any other JAX call
+    if group:
+        print0(f"{jax.process_count()} processes ({group})")
+    tconf = make_config(preset or default_preset(jax.default_backend()), overrides)
+    if tconf.hf_dir is not None:
+        hf.check_dir(tconf.hf_dir)
+    corpus = load_corpus(tconf.dataset, tconf.tokenizer)
+    if tconf.hf_dir is not None:  # the model's shape is the checkpoint's
+        tconf = TrainConfig.from_flat(hf.adopt(tconf.to_flat(), tconf.hf_dir, corpus.tokenizer.vocab_size))
+    # The mesh, once here: a bad device layout fails before out_dir is touched.
+    mesh = parallel.make_layout(tconf.batch_size, tconf.grad_accum, tconf.devices)
+    settings = {k: v for k, v in tconf.to_flat().items() if k != "process_id"}
+    runtime.check_agreement({**settings, "dataset fingerprint": corpus.fingerprint,
+                             "devices per process": len(mesh.local_devices)})
+    dataloader = DataLoader(corpus, tconf.model.block_size, tconf.batch_size, tconf.seed,
+                            jax.process_index(), jax.process_count())
+    runtime.on_process_0(runstate.check_writable, tconf.out_dir)
+    model, opt_state, start = runstate.init_or_resume(tconf, corpus.tokenizer, mesh.devices.flat[0].platform)
+    runtime.check_agreement({"start step": start})
+    print0(f"config: {json.dumps(tconf.to_flat())}")
+    print0(f"kernels: attention={model.config.attention}, layernorm_backward={model.config.layernorm_backward}")
     try:
-        preset, overrides = parse_overrides(argv)
-        group = runtime.start_processes(process_config(overrides))  # before any other JAX call
-        if group:
-            print0(f"{jax.process_count()} processes ({group})")
-        tconf = make_config(preset or default_preset(jax.default_backend()), overrides)
-        corpus = load_corpus(tconf.dataset, tconf.tokenizer)
-        if hf.is_hf_dir(tconf.init_from):  # the model's shape is the checkpoint's
-            tconf = TrainConfig.from_flat(hf.adopt(tconf.to_flat(), tconf.init_from, corpus.tokenizer.vocab_size))
-        # The mesh, once: a bad device layout fails here, before out_dir is touched.
-        mesh = parallel.make_layout(tconf.batch_size, tconf.grad_accum, tconf.devices)
-        settings = {k: v for k, v in tconf.to_flat().items() if k != "process_id"}
-        runtime.check_agreement({**settings, "dataset fingerprint": corpus.fingerprint,
-                                 "devices per process": len(mesh.local_devices)})
-        dataloader = DataLoader(corpus, tconf.model.block_size, tconf.batch_size, tconf.seed,
-                                jax.process_index(), jax.process_count())
-        runtime.on_process_0(runstate.check_writable, tconf.out_dir)
-        model, opt_state, start = runstate.init_or_resume(tconf, corpus.tokenizer, mesh.devices.flat[0].platform)
-        runtime.check_agreement({"start step": start})
-        print0(f"config: {json.dumps(tconf.to_flat())}")
-        print0(f"kernels: attention={model.config.attention}, layernorm_backward={model.config.layernorm_backward}")
-        model, _ = train(model, dataloader, tconf, mesh=mesh, opt_state=opt_state, start_step=start)
-    except (ConfigError, DataError, parallel.ParallelError, checkpoint.CheckpointError, runtime.ProcessSetupError,
-            hf.HFError) as e:
-        return _fail(EXIT_BAD_INPUT, e)
-    except NonFiniteError as e:
-        return _fail(EXIT_NONFINITE, e)
+        model = train(model, dataloader, tconf, opt_state=opt_state, start_step=start)
     except Interrupted as e:
         print0(str(e))
         runtime.stop_processes()
@@ -214,13 +217,11 @@ def main(argv=None) -> int:
     return 0
 
 
-def _fail(code: int, error: Exception) -> int:
-    """One line on stderr. With several processes, this one leaves at once: the others may
-    not have failed alike, and a normal exit would wait for them in JAX's shutdown."""
-    if jax.process_count() == 1:
-        print(f"error: {error}", file=sys.stderr)
-        return code
-    runtime.exit_now(f"process {jax.process_index()}: {error}", code)
+def _leave(line: str, code: int):
+    """With several processes, a failing one leaves at once: the others may not have failed
+    alike, and a normal exit would wait for them in JAX's shutdown."""
+    if jax.process_count() > 1:
+        runtime.exit_now(f"process {jax.process_index()}: {line}", code)
 
 
 if __name__ == "__main__":

@@ -16,6 +16,8 @@ import numpy as np
 import pytest
 
 from parallel_gpt import checkpoint, hf
+from parallel_gpt.config import TrainConfig
+from parallel_gpt.errors import HFError
 from parallel_gpt.model import GPT, cross_entropy
 
 FIXTURE = Path(__file__).resolve().parent / "fixtures" / "gpt2_tiny"
@@ -49,8 +51,7 @@ def fixture_variant(tmp_path, change=None, config_change=None):
 
 def imported(path):
     config = hf.model_config(str(path)).for_platform("cpu")
-    template = jax.eval_shape(lambda: GPT.create(config, key=jax.random.key(0)))
-    return hf.load_model(str(path), config, template)
+    return hf.load_model(str(path), config, GPT.shapes(config))
 
 
 def test_imported_model_gives_transformers_logits_and_loss():
@@ -89,7 +90,7 @@ def test_what_real_files_hold_loads_to_the_same_model(tmp_path, variant):
 
 def test_an_untied_head_is_refused(tmp_path):
     untied = fixture_variant(tmp_path, lambda t: {**t, "lm_head.weight": t["transformer.wte.weight"] * 2})
-    with pytest.raises(hf.HFError, match="lm_head.weight differs from wte.weight"):
+    with pytest.raises(HFError, match="lm_head.weight differs from wte.weight"):
         imported(untied)
 
 
@@ -117,13 +118,20 @@ def text_of_101_characters(tmp_path_factory):
     ("add_cross_attention", True, "add_cross_attention=True cannot be represented (no cross-attention)"),
     ("vocab_size", 200, "vocab_size=200 but the dataset's tokenizer has 101 ids"),
 ])
-def test_what_the_model_cannot_represent_is_one_line_and_exit_code_2(tmp_path, text_of_101_characters, field, value,
-                                                                   message):
+def test_what_the_model_cannot_represent_is_refused_naming_the_field(tmp_path, field, value, message):
     model = fixture_variant(tmp_path, config_change={field: value})
+    with pytest.raises(HFError) as refused:
+        hf.adopt(TrainConfig().to_flat(), str(model), vocab_tokens=101)
+    assert message in str(refused.value)
+
+
+def test_a_refused_hugging_face_directory_is_one_line_exit_2_and_writes_nothing(tmp_path, text_of_101_characters):
+    model = fixture_variant(tmp_path, config_change={"n_inner": 100})
     result = run_cli("train", "--preset", "tiny", f"--dataset={text_of_101_characters}", f"--init_from={model}",
                      f"--out_dir={tmp_path / 'out'}")
-    assert result.returncode == 2 and result.stderr.count("\n") == 1 and message in result.stderr, result.stderr
-    assert not (tmp_path / "out" / "checkpoints").exists()
+    assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+    assert "n_inner=100 cannot be represented" in result.stderr
+    assert not (tmp_path / "out").exists()
 
 
 def test_fine_tune_export_and_import_round_trip(tmp_path, text_of_101_characters):
@@ -175,3 +183,13 @@ def test_gpt2_tokenizer_files_match_the_ranks(tmp_path):
     theirs, ours = transformers.AutoTokenizer.from_pretrained(str(tmp_path)), GPT2Tokenizer()
     for text in ("Hello, world!", "naïve café 日本語 🎉\n\n  spaces\tand tabs", "a<|endoftext|>b"):
         assert theirs.encode(text) == ours.encode(text, allow_eot=True).tolist()
+
+
+def test_init_from_names_a_directory_checked_where_it_is_read(tmp_path):
+    assert TrainConfig.from_flat({"init_from": "gpt2"}).hf_dir == "gpt2"  # parsing touches no file
+    assert TrainConfig.from_flat({"init_from": "resume"}).hf_dir is None
+    with pytest.raises(HFError, match=r"init_from='gpt2' is not a Hugging Face GPT-2 directory .*: use auto, scratch"):
+        hf.check_dir("gpt2")
+    (tmp_path / hf.CONFIG).write_text("{}")
+    with pytest.raises(HFError, match=r"--init_from=.* is not a Hugging Face GPT-2 directory \(config.json \+ model"):
+        hf.check_dir(str(tmp_path), "--init_from")

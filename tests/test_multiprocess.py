@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from parallel_gpt import checkpoint, train
+from parallel_gpt import checkpoint, errors
 from parallel_gpt.fatal_filter import summary
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -137,7 +137,7 @@ def test_two_processes_train_as_one(tmp_path, one_process, dropout):
 
 def test_sigterm_on_one_process_stops_both_at_one_step_and_resumes_exactly(tmp_path, one_process):
     stopped = launched(f"--out_dir={tmp_path}", "--dropout=0.1", fault="p1/step_11:SIGTERM")
-    assert stopped.returncode == train.EXIT_INTERRUPTED, stopped.stdout + stopped.stderr
+    assert stopped.returncode == errors.EXIT_INTERRUPTED, stopped.stdout + stopped.stderr
     exits = [line for line in stopped.stderr.splitlines() if "exited with code" in line]
     assert "[p0] stopped by SIGTERM at step 13; checkpoint saved" in stopped.stdout, stopped.stdout
     # Both processes saved step 13 together: 8 (the interval) and 13, nothing else.
@@ -182,7 +182,7 @@ def test_a_process_started_alone_times_out_with_one_line(tmp_path, cache_dir):
     t = time.monotonic()
     result = subprocess.run([sys.executable, "-m", "parallel_gpt.train", *RUN, f"--out_dir={tmp_path}",
                              "--init_timeout=3"], env=env, capture_output=True, text=True, timeout=BOUND_S)
-    assert result.returncode == train.EXIT_PEER and time.monotonic() - t < 3 + 30
+    assert result.returncode == errors.EXIT_PEER and time.monotonic() - t < 3 + 30
     assert result.stderr.strip().splitlines()[-1].startswith(
         "error: process 0: the process group did not form within init_timeout=3 s"), result.stderr
     assert not (tmp_path / "checkpoints").exists()
@@ -193,7 +193,7 @@ def test_processes_started_differently_name_the_keys(tmp_path, cache_dir):
                                                       f"--seed={i}"])
     results = finish(procs, tmp_path / "logs")
     for i, (code, _, _, err) in enumerate(results):
-        assert code == train.EXIT_BAD_INPUT, err
+        assert code == errors.EXIT_BAD_INPUT, err
         assert f"error: process {i}: processes differ from process 0 in learning_rate (process 1), seed (process 1)" \
             in err, err
     assert not (tmp_path / "checkpoints").exists()

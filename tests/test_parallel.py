@@ -7,6 +7,7 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from parallel_gpt import nn, parallel
+from parallel_gpt.errors import LayoutError
 from parallel_gpt.model import GPT, GPTConfig
 from parallel_gpt.optim import AdamHParams, adam_init
 
@@ -24,15 +25,13 @@ def batches(n_steps, batch=16, seed=0):
 
 def run(n_devices, n_steps=20, config=CFG, hp=HP, data=None, **kw):
     mesh = parallel.make_mesh(n_devices)
-    model = parallel.replicate(GPT.create(config, key=jax.random.key(0)), mesh)
-    opt = parallel.replicate(adam_init(model), mesh)
-    pstep = parallel.pmap_step(mesh, hp=hp, **kw)
-    no_stop = parallel.stop_requests(0, mesh)
+    dp = parallel.DataParallel(mesh, hp=hp, **kw)
+    state = dp.place(GPT.create(config, key=jax.random.key(0)))
     losses = []
     for x, y in data if data is not None else batches(n_steps):
-        model, opt, metrics = pstep(model, parallel.shard_batch(x, mesh), parallel.shard_batch(y, mesh), opt, no_stop)
+        state, metrics = dp.step(state, *dp.batch(x, y))
         losses.append(float(metrics["loss"]))
-    return model, opt, np.array(losses), mesh
+    return state.model, state.opt, np.array(losses), mesh
 
 
 def test_one_device_and_eight_devices_agree():
@@ -101,27 +100,33 @@ def test_dropout_training_stays_finite():
 
 
 def test_nonfinite_gradient_skips_the_update():
-    mesh = parallel.make_mesh(8)
+    dp = parallel.DataParallel(parallel.make_mesh(8), hp=HP)
     model = GPT.create(CFG, key=jax.random.key(0))
     bad = dataclasses.replace(model, ln_f=dataclasses.replace(model.ln_f, weight=model.ln_f.weight.at[0].set(jnp.nan)))
-    bad, opt = parallel.replicate(bad, mesh), parallel.replicate(adam_init(bad), mesh)
-    before = [np.asarray(a) for a in jax.tree.leaves((bad, opt))]
-    x, y = next(batches(1))
-    pstep = parallel.pmap_step(mesh, hp=HP)
-    new, new_opt, metrics = pstep(bad, parallel.shard_batch(x, mesh), parallel.shard_batch(y, mesh), opt,
-                                  parallel.stop_requests(0, mesh))
-    assert int(metrics["nonfinite"]) == 1 and int(new_opt.count) == 0
-    for a, b in zip(before, jax.tree.leaves((new, new_opt))):
+    state = dp.place(bad)
+    before = [np.asarray(a) for a in jax.tree.leaves(state)]
+    new, metrics = dp.step(state, *dp.batch(*next(batches(1))))
+    assert int(metrics["nonfinite"]) == 1 and int(new.opt.count) == 0
+    for a, b in zip(before, jax.tree.leaves(new)):
         np.testing.assert_array_equal(a, np.asarray(b))
 
 
+def test_a_stop_request_comes_back_in_the_metrics():
+    dp = parallel.DataParallel(parallel.make_mesh(8), hp=HP)
+    state = dp.place(GPT.create(CFG, key=jax.random.key(0)))
+    state, metrics = dp.step(state, *dp.batch(*next(batches(1))))
+    assert int(metrics["stop"]) == 0
+    _, metrics = dp.step(state, *dp.batch(*next(batches(1))), signum=15)
+    assert int(metrics["stop"]) == 15
+
+
 def test_layout_errors_say_what_to_change():
-    with pytest.raises(parallel.ParallelError, match=r"batch_size=30 is not divisible by the 8 devices: use 24 or 32"):
+    with pytest.raises(LayoutError, match=r"batch_size=30 is not divisible by the 8 devices: use 24 or 32"):
         parallel.make_layout(30)
-    with pytest.raises(parallel.ParallelError, match=r"grad_accum=3 does not divide the per-device batch 4 "):
+    with pytest.raises(LayoutError, match=r"grad_accum=3 does not divide the per-device batch 4 "):
         parallel.make_layout(32, grad_accum=3)
     assert parallel.make_layout(32, grad_accum=4, devices=2).size == 2
-    with pytest.raises(parallel.ParallelError, match=r"devices=9 but this process has 8 cpu device\(s\)"):
+    with pytest.raises(LayoutError, match=r"devices=9 but this process has 8 cpu device\(s\)"):
         parallel.make_mesh(9)
 
 

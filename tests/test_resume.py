@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from parallel_gpt import checkpoint, train
+from parallel_gpt import checkpoint, errors, train
 
 # 30 steps, dropout on (so RNG replay is checked too), a checkpoint every 10, a row per step.
 RUN = ["--preset", "tiny", "--max_iters=30", "--ckpt_interval=10", "--eval_interval=10", "--log_interval=1",
@@ -129,7 +129,7 @@ def test_killed_run_resumes_exactly_on_one_device(tmp_path, reference_one_device
 def test_sigterm_anywhere_in_the_loop_saves_the_step_it_reports(tmp_path, reference, reference_one_device, fault,
                                                                  devices, saved):
     stopped = run_train(tmp_path, fault=fault, devices=devices)
-    assert stopped.returncode == train.EXIT_INTERRUPTED, stopped.stderr
+    assert stopped.returncode == errors.EXIT_INTERRUPTED, stopped.stderr
     assert "SIGTERM received" in stopped.stdout
     assert f"stopped by SIGTERM at step {saved}; checkpoint saved" in stopped.stdout
     assert checkpoint.checkpoint_dirs(tmp_path)[0].name == f"step_{saved:08d}"
@@ -170,7 +170,7 @@ def test_nonfinite_updates_are_skipped_then_stop_the_run(tmp_path, reference):
     # up, every later loss is non-finite, each such update is skipped and counted.
     result = run_train(tmp_path, "--max_iters=60", "--learning_rate=1e30", "--decay_lr=false",
                        "--max_nonfinite=5", "--ckpt_interval=100")
-    assert result.returncode == train.EXIT_NONFINITE, result.stderr
+    assert result.returncode == errors.EXIT_NONFINITE, result.stderr
     assert result.stderr.strip().splitlines()[-1].startswith("error: 5 consecutive non-finite updates")
     skipped = [r.get("nonfinite_skipped") for s, r in
                ((json.loads(x)["step"], json.loads(x)) for x in (tmp_path / "metrics.jsonl").read_text().splitlines())

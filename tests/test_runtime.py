@@ -95,11 +95,12 @@ def test_watchdog_reports_the_slowest_step_without_evaluations(monkeypatch):
     dog = runtime.Watchdog(timeout=60)
     times = iter([0.0, 1.0, 1.5, 3.0, 13.0, 14.0, 14.2])
     monkeypatch.setattr(runtime.time, "monotonic", lambda: next(times))
-    dog.phase("step 1", step=True)  # 0.0
-    dog.phase("waiting for step 0")  # 1.0
-    dog.phase("step 2", step=True)  # 1.5: step 1 took 1.5 s
-    dog.phase("waiting for the evaluation at step 2")  # 3.0
-    dog.phase("writing checkpoint 2")  # 13.0: evaluations and saves are not a step's time
-    dog.phase("step 3", step=True)  # 14.0
-    dog.phase("step 4", step=True)  # 14.2
+    Phase = runtime.Phase
+    dog.phase(Phase.STEP, "step 1")  # 0.0
+    dog.phase(Phase.STEP_WAIT, "the metrics")  # 1.0
+    dog.phase(Phase.STEP, "step 2")  # 1.5: step 1 took 1.5 s
+    dog.phase(Phase.WAIT, "the evaluation at step 2")  # 3.0
+    dog.phase(Phase.WORK, "writing checkpoint 2")  # 13.0: evaluations and saves are not a step's time
+    dog.phase(Phase.STEP, "step 3")  # 14.0
+    dog.phase(Phase.STEP, "step 4")  # 14.2
     assert dog.slowest == 1.5 and dog.label == "step 4"

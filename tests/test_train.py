@@ -150,12 +150,12 @@ def _format_1(meta):
     (lambda m: m["model"].update(n_layer=2.5), "has model settings of the wrong type (n_layer=2.5)"),
     (lambda m: (_format_1(m), m.update(tokenizer="chars")), "its format 1 meta.json lacks config or tokenizer"),
 ])
-def test_evaluate_refuses_a_checkpoint_it_cannot_read_in_one_line(trained, tmp_path, change, message):
+def test_evaluate_refuses_a_checkpoint_it_cannot_read_in_one_line(trained, tmp_path, capsys, change, message):
     shutil.copytree(trained[0], tmp_path, dirs_exist_ok=True)
     _rewrite_meta(tmp_path, change)
-    result = run_cli("evaluate", "--prompt", "ROMEO:", f"--out_dir={tmp_path}", "--max_new_tokens=5")
-    err = result.stderr.strip().splitlines()
-    assert result.returncode == 2 and len(err) == 1 and err[0].startswith("error: the checkpoint of step 20"), err
+    code = evaluate.main(["--prompt", "ROMEO:", f"--out_dir={tmp_path}", "--max_new_tokens=5"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and err[0].startswith("error: the checkpoint of step 20"), err
     assert message in err[0], err
 
 
