@@ -83,10 +83,13 @@ def target(name: str, memory_limit_gib: float | None = None) -> Target:
         if importlib.util.find_spec("libtpu") is None:
             raise PlanError(f"--topology={name} compiles with libtpu, which is not installed: pip install -e '.[tpu]'")
         # libtpu reads these at start-up; off a TPU VM it would otherwise ask the metadata
-        # server and print errors, though the compile-only devices work either way.
+        # server and print errors, though the compile-only devices work either way. Its
+        # one-process lock (/tmp/libtpu_lockfile) guards chips that plan never runs on:
+        # without this, a second plan fails while the first compiles.
         os.environ.setdefault("TPU_ACCELERATOR_TYPE", name)
         os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
         os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+        os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
         devices, platform = topologies.compile_only_devices(s), "tpu"
         memory, source = s.generation.hbm_gib * GiB, s.generation.source
     if memory_limit_gib is not None:
