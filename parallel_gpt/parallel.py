@@ -34,7 +34,7 @@ def make_mesh(devices: int | None = None) -> Mesh:
     local = jax.local_devices()
     if devices is not None and not 1 <= devices <= len(local):
         raise LayoutError(f"devices={devices} but this process has {len(local)} {local[0].platform} device(s): "
-                            f"use devices between 1 and {len(local)}")
+                          f"use devices between 1 and {len(local)}")
     if devices is not None and devices < len(local) and jax.process_count() > 1:
         raise LayoutError("devices=N with several processes is not supported: every process uses all its devices")
     chosen = local[: devices or len(local)] if jax.process_count() == 1 else jax.devices()
@@ -46,19 +46,24 @@ def make_layout(batch_size: int, grad_accum: int = 1, devices: int | None = None
     over the devices and each device's share into `grad_accum` micro-batches. Each process
     must hold the same number of devices, so the batch then divides over processes too."""
     mesh = make_mesh(devices)
-    n = mesh.size
     per_process = collections.Counter(d.process_index for d in mesh.devices.flat)
     if len(set(per_process.values())) > 1:
         raise LayoutError(f"processes hold different numbers of devices ({dict(per_process)}): give every process "
-                            f"the same number")
+                          f"the same number")
+    check_layout(batch_size, grad_accum, mesh.size)
+    return mesh
+
+
+def check_layout(batch_size: int, grad_accum: int, n: int, where: str = ""):
+    """LayoutError unless the global batch divides over `n` devices (`where`: which ones)
+    and each device's share into `grad_accum` micro-batches."""
     if batch_size % n:
         lower = batch_size // n * n
         nearest = " or ".join(str(b) for b in (lower, lower + n) if b > 0)
-        raise LayoutError(f"batch_size={batch_size} is not divisible by the {n} devices: use {nearest}")
+        raise LayoutError(f"batch_size={batch_size} is not divisible by the {n} devices{where}: use {nearest}")
     if batch_size // n % grad_accum:
         raise LayoutError(f"grad_accum={grad_accum} does not divide the per-device batch {batch_size // n} "
-                            f"(batch_size={batch_size} over {n} devices): use a grad_accum that divides it")
-    return mesh
+                          f"(batch_size={batch_size} over {n} devices): use a grad_accum that divides it")
 
 
 def shard_batch(local_rows: np.ndarray, mesh: Mesh) -> jax.Array:
@@ -168,20 +173,47 @@ class DataParallel:
     def step(self, state: TrainState, xb, yb, signum: int = 0) -> tuple[TrainState, dict]:
         """One training step; `signum` is this process's stop request (0: none), and
         metrics["stop"] the one agreed by every process. `state` is donated."""
-        model, opt, metrics = self._step(state.model, xb, yb, state.opt, self._stop(signum))
+        model, opt, metrics = self._step(state.model, xb, yb, state.opt, self.stop_input(signum))
         return TrainState(model, opt), metrics
 
     def lower(self, state: TrainState, xb, yb):
         """The step traced and lowered for these arguments (`.compile()` it to time compilation)."""
-        return self._step.lower(state.model, xb, yb, state.opt, self._stop(0))
+        return self._step.lower(state.model, xb, yb, state.opt, self.stop_input(0))
 
     def eval(self, model, xb, yb) -> jax.Array:
         """Mean loss over the global batch, no dropout."""
         return self._eval(model, xb, yb)
 
-    def _stop(self, signum: int) -> jax.Array:
+    def stop_input(self, signum: int) -> jax.Array:
+        """The wrapped step's `stop` argument for this process's request `signum`, placed once."""
         if signum not in self._stops:
             n_local = len(self.mesh.local_devices)
             self._stops[signum] = jax.make_array_from_process_local_data(
                 NamedSharding(self.mesh, P(AXIS)), np.full(n_local, signum, np.int32))
         return self._stops[signum]
+
+
+def shard_map_step(mesh: Mesh, **step_kwargs):
+    """`step` under `jax.jit(jax.shard_map(...))` over `mesh`: called as the `jax.pmap`
+    wrapper in `DataParallel` is, (model, xb, yb, opt_state, stop), with the same results
+    bit for bit; model and optimizer state are donated.
+    It needs only the mesh, so it also compiles ahead of time for devices this host lacks
+    (`plan`).
+
+    check_vma=False, as pmap runs `step`: `step` averages gradients itself with
+    `lax.pmean`. With the check on, JAX already sums the replicated model's gradients over
+    the axis in the backward pass (measured: 8-device losses leave pmap's at step 3),
+    LayerNorm's written-out backward is rejected, and on a one-device mesh, where `step`
+    skips the pmean, the loss is refused as not replicated.
+    """
+    per_device = functools.partial(step, **step_kwargs)
+
+    def body(model, xb, yb, opt_state, stop):
+        # shard_map keeps the sharded axis: each device sees (1, B / n_devices, T) where
+        # pmap's view drops it, so the wrapper takes row 0 and `step` stays as it is.
+        return per_device(model, xb[0], yb[0], opt_state, stop[0])
+
+    sharded = P(AXIS)
+    mapped = jax.shard_map(body, mesh=mesh, in_specs=(P(), sharded, sharded, P(), sharded), out_specs=P(),
+                           check_vma=False)
+    return jax.jit(mapped, donate_argnums=(0, 3))
