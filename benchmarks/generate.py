@@ -1,22 +1,35 @@
-"""Generation speed: KV-cache decoding against the recompute path, and against transformers.
+"""Generation speed: KV-cache decoding against the recompute path, against transformers, and
+against the memory floor.
 
-    python benchmarks/generate.py [--rounds 3] [--shapes shakespeare_char gpt2] [--batches 1 8]
+    python benchmarks/generate.py [--rounds 2] [--cases char1 char8 gpt2_1 gpt2_8] [--commands]
 
-For each model shape (random weights) and batch: the same prompts (half a window long)
-continued greedily by `generate.decode` (prefill done, cache filled) and by
-`generate.decode_recompute` (the whole window per token), in alternating rounds in one
-process; tokens/s is new tokens x batch / seconds, prefill included, the median over
-rounds (the cached run's prefill and decoding are also reported apart). With
-transformers installed (the bench extra), the GPT-2 shape is also run through
-`GPT2LMHeadModel.generate` with its cache on the same weights (exported with
-`hf.export`), same prompt, same number of new tokens, alternating with ours.
+Each case is a model shape (random weights, float32), a batch, a prompt length and a number
+of new tokens, continued greedily by `generate.decode` after `generate.prefill`, in
+alternating rounds in one process with the path without a cache (`decode_recompute`, the
+whole window per token, fewer tokens) and, at the GPT-2 shape with transformers installed
+(the bench extra), with `GPT2LMHeadModel.generate(do_sample=False, use_cache=True)` on the
+same weights (exported with `hf.export`). tokens/s is new tokens x batch / seconds, prefill
+included, the median over rounds.
+
+Roofline: a decode step must read every weight once (the position table aside: one row)
+and each row's cached keys and values up to its position, 2 x layers x (position + 1) x
+n_embd floats; the floor is those bytes, averaged over the run's steps, over the host
+memory bandwidth, measured in the same run as (bytes read + bytes written) / seconds of
+a 256 MiB array copy. A step's time is the decoding alone (prefill apart) / new tokens.
+
+`--commands` also times whole commands, alternating: `python -m parallel_gpt.evaluate
+--init_from=DIR --top_k 1` against a script that loads DIR with transformers and calls
+generate(), at the two GPT-2 cases (batch 8 as --num_samples 8).
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
+import subprocess
+import sys
 import tempfile
+import textwrap
 import time
 
 import jax
@@ -24,16 +37,43 @@ import jax.numpy as jnp
 import numpy as np
 
 from parallel_gpt import checkpoint, hf
-from parallel_gpt.generate import decode, decode_recompute, prefill
+from parallel_gpt.generate import decode, decode_recompute, prefill, sampling_mode
 from parallel_gpt.model import GPT, GPTConfig
 from parallel_gpt.tokenizers import GPT2Tokenizer
 
-SHAPES = {  # (config, new tokens for the cache, new tokens for the recompute path)
-    "shakespeare_char": (GPTConfig(n_layer=6, n_head=6, n_embd=384, block_size=256, vocab_size=128, vocab_tokens=65,
-                                   dropout=0.0), 64, 16),
-    "gpt2": (GPTConfig(n_layer=12, n_head=12, n_embd=768, block_size=1024, vocab_size=50304, vocab_tokens=50257,
-                       dropout=0.0), 16, 2),
+SHAPES = {
+    "shakespeare_char": GPTConfig(n_layer=6, n_head=6, n_embd=384, block_size=256, vocab_size=128, vocab_tokens=65,
+                                  dropout=0.0),
+    "gpt2": GPTConfig(n_layer=12, n_head=12, n_embd=768, block_size=1024, vocab_size=50304, vocab_tokens=50257,
+                      dropout=0.0),
 }
+CASES = {  # shape, batch, prompt tokens, new tokens with the cache, new tokens recomputed (0: not run)
+    "char1": ("shakespeare_char", 1, 128, 64, 16),
+    "char8": ("shakespeare_char", 8, 128, 64, 16),
+    "gpt2_1": ("gpt2", 1, 3, 200, 2),  # the issue's new user: 3-token prompt, 200 new
+    "gpt2_8": ("gpt2", 8, 512, 200, 0),  # recomputing 8 x 1024-token windows per token: minutes
+}
+GREEDY = sampling_mode(0.0, None, 1.0)
+
+
+def bandwidth() -> float:
+    """Host memory bandwidth, bytes/s: (read + written) / seconds of the best of 5 copies of 256 MiB."""
+    src = np.ones(64 << 20, np.float32)
+    dst = np.empty_like(src)
+    times = []
+    for _ in range(5):
+        t = time.perf_counter()
+        np.copyto(dst, src)
+        times.append(time.perf_counter() - t)
+    return 2 * src.nbytes / min(times)
+
+
+def step_bytes(model: GPT, batch: int, prompt: int, new: int) -> float:
+    """Bytes a decode step must read, averaged over the `new` steps after a `prompt`-token prefill."""
+    c = model.config
+    weights = 4 * (model.num_params(non_embedding=True) + c.n_embd)  # every weight; one row of wpe
+    mean_position = prompt + (new - 1) / 2
+    return weights + 4 * 2 * c.n_layer * batch * (mean_position + 1) * c.n_embd
 
 
 def timed(fn) -> float:
@@ -42,45 +82,53 @@ def timed(fn) -> float:
     return time.perf_counter() - t
 
 
-def measure(name: str, batch: int, rounds: int, with_transformers: bool):
-    config, n_cached, n_recompute = SHAPES[name]
-    config = config.for_platform(jax.default_backend())
+def measure(case: str, rounds: int, with_transformers: bool, bw: float):
+    name, batch, P, n_cached, n_recompute = CASES[case]
+    config = SHAPES[name].for_platform(jax.default_backend())
     model = GPT.create(config, key=jax.random.key(0))
-    T, P = config.block_size, config.block_size // 2
+    T = config.block_size
     prompts = np.random.default_rng(0).integers(0, config.vocab_tokens, (batch, P)).astype(np.int32)
     window = jnp.asarray(np.pad(prompts, ((0, 0), (0, T - P))))
     lengths = jnp.full((batch,), P, jnp.int32)
     key = jax.random.key(0)
     buffer = np.pad(prompts, ((0, 0), (0, T + n_cached - P)))  # one shape for every call: one compile each
+    prefill_s = []  # the prefill's part of each cached run
 
-    def cached(n, parts=None):
+    def cached(n):
         t = time.perf_counter()
         cache, logits = jax.block_until_ready(prefill(model, window, lengths))
-        if parts is not None:
-            parts.append(time.perf_counter() - t)
-        return decode(model, cache, logits, jnp.asarray(buffer), lengths, lengths, n, 0, key, 0.0, 1.0, top_k=None)[2]
+        prefill_s.append(time.perf_counter() - t)
+        return decode(model, cache, logits, jnp.asarray(buffer), lengths, lengths, n, 0, key, 0.0, 1.0, **GREEDY)[2]
 
     def recompute(n):
-        tokens = jnp.asarray(buffer)
-        return decode_recompute(model, tokens, lengths, n, 0, key, 0.0, 1.0, top_k=None)[0]
+        return decode_recompute(model, jnp.asarray(buffer), lengths, n, 0, key, 0.0, 1.0, **GREEDY)[0]
 
-    # The same greedy tokens both ways, and a warm start (compiled) for each.
-    np.testing.assert_array_equal(np.asarray(cached(n_recompute))[:, :P + n_recompute],
-                                  np.asarray(recompute(n_recompute))[:, :P + n_recompute])
-    prefill_s = []  # the prefill's part of each cached run
-    runs = {"cache": (lambda n: cached(n, prefill_s), n_cached), "recompute": (recompute, n_recompute)}
+    runs = {"cache": (cached, n_cached)}
+    if n_recompute:  # the same greedy tokens both ways, and a warm start (compiled) for each
+        np.testing.assert_array_equal(np.asarray(cached(n_recompute))[:, :P + n_recompute],
+                                      np.asarray(recompute(n_recompute))[:, :P + n_recompute])
+        runs["recompute"] = (recompute, n_recompute)
+    else:
+        cached(1)
     if with_transformers:
-        runs["transformers (cache)"] = transformers_runner(model, prompts, n_cached)
+        runs["transformers"] = transformers_runner(model, prompts, n_cached)
     times = {k: [] for k in runs}
+    prefill_s.clear()
     for _ in range(rounds):
         for k, (fn, n) in runs.items():
             times[k].append(timed(lambda: fn(n)))
     rate = {k: runs[k][1] * batch / statistics.median(v) for k, v in times.items()}
-    decode_s = statistics.median(t - p for t, p in zip(times["cache"], prefill_s))
-    line = ", ".join(f"{k} {r:,.1f} tok/s" for k, r in rate.items())
-    print(f"{name:17} batch {batch}: {line}; cache / recompute {rate['cache'] / rate['recompute']:.1f}x; "
-          f"of the cached run: prefill {statistics.median(prefill_s):.2f} s, decoding alone "
-          f"{n_cached * batch / decode_s:,.1f} tok/s")
+    step = statistics.median(t - p for t, p in zip(times["cache"], prefill_s[-rounds:])) / n_cached
+    floor = step_bytes(model, batch, P, n_cached) / bw
+    parts = [f"{k} {r:,.1f} tok/s" for k, r in rate.items()]
+    if "recompute" in rate:
+        parts.append(f"cache / recompute {rate['cache'] / rate['recompute']:.1f}x")
+    if "transformers" in rate:
+        parts.append(f"ours / transformers {rate['cache'] / rate['transformers']:.2f}x")
+    print(f"{case} ({name}, batch {batch}, prompt {P}, {n_cached} new): {'; '.join(parts)}; prefill "
+          f"{statistics.median(prefill_s[-rounds:]):.2f} s; decode step {step * 1e3:.1f} ms, floor "
+          f"{floor * 1e3:.1f} ms ({step_bytes(model, batch, P, n_cached) / 1e6:.0f} MB), step / floor "
+          f"{step / floor:.2f}x", flush=True)
 
 
 def transformers_runner(model: GPT, prompts: np.ndarray, n: int):
@@ -100,22 +148,62 @@ def transformers_runner(model: GPT, prompts: np.ndarray, n: int):
     return run, n
 
 
+HF_SCRIPT = textwrap.dedent("""
+    import sys, torch
+    from transformers import AutoTokenizer, GPT2LMHeadModel
+    path, prompt, n, samples = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+    model = GPT2LMHeadModel.from_pretrained(path).eval()
+    ids = AutoTokenizer.from_pretrained(path)([prompt] * samples, return_tensors="pt")
+    with torch.no_grad():
+        out = model.generate(**ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, use_cache=True,
+                             pad_token_id=0)
+    print(out.shape)
+""")
+
+
+def commands(rounds: int):
+    """Whole commands, alternating: evaluate against a transformers script, on one exported directory."""
+    config = SHAPES["gpt2"].for_platform(jax.default_backend())
+    model = GPT.create(config, key=jax.random.key(0))
+    tokenizer = GPT2Tokenizer()
+    with tempfile.TemporaryDirectory() as tmp:
+        hf.export(config, checkpoint.flatten(model, "model"), tokenizer, tmp)
+        for prompt, samples in (("Hello, world", 1), ("the" + " the" * 511, 8)):
+            n = 200
+            assert len(tokenizer.encode(prompt)) in (3, 512)
+            ours = [sys.executable, "-m", "parallel_gpt.evaluate", f"--init_from={tmp}", "--prompt", prompt,
+                    "--max_new_tokens", str(n), "--top_k", "1", "--num_samples", str(samples)]
+            theirs = [sys.executable, "-c", HF_SCRIPT, tmp, prompt, str(n), str(samples)]
+            times = {"ours": [], "transformers": []}
+            for _ in range(rounds):
+                for k, cmd in (("ours", ours), ("transformers", theirs)):
+                    t = time.perf_counter()
+                    subprocess.run(cmd, check=True, capture_output=True)
+                    times[k].append(time.perf_counter() - t)
+            rate = {k: n * samples / statistics.median(v) for k, v in times.items()}
+            print(f"whole command, batch {samples}, prompt {len(tokenizer.encode(prompt))}, {n} new: ours "
+                  f"{rate['ours']:.1f} tok/s, transformers {rate['transformers']:.1f} tok/s, "
+                  f"ours / transformers {rate['ours'] / rate['transformers']:.2f}x", flush=True)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
-    ap.add_argument("--batches", nargs="+", type=int, default=[1, 8])
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--cases", nargs="*", default=list(CASES), choices=list(CASES))
+    ap.add_argument("--commands", action="store_true", help="also time whole evaluate commands")
     args = ap.parse_args()
     try:
         import transformers  # noqa: F401
         have_transformers = True
     except ImportError:
         have_transformers = False
-    print(f"{jax.devices()[0].platform}; medians of {args.rounds} alternating rounds; greedy; prompts of "
-          f"block_size / 2 tokens")
-    for name in args.shapes:
-        for batch in args.batches:
-            measure(name, batch, args.rounds, have_transformers and name == "gpt2")
+    bw = bandwidth()
+    print(f"{jax.devices()[0].platform}; medians of {args.rounds} alternating rounds; greedy; memory bandwidth "
+          f"(256 MiB copy, read + written) {bw / 1e9:.1f} GB/s", flush=True)
+    for case in args.cases:
+        measure(case, args.rounds, have_transformers and CASES[case][0] == "gpt2", bw)
+    if args.commands and have_transformers:
+        commands(args.rounds)
 
 
 if __name__ == "__main__":

@@ -2,17 +2,24 @@
 
 `generate(model, tokenizer, prompts, ...)` continues a batch of prompts of different
 lengths. `prefill` runs the model once over the prompts (right-padded to the first power
-of two that holds the longest) and fills a static cache of keys and values, (layers,
-batch, block_size, heads, head size) each; `decode` then samples `n` tokens in a `lax.fori_loop`, each step computing
-one position per row, writing its key and value with `lax.dynamic_update_slice` at that
-row's own position and attending to the cache through an explicit mask of the positions
-up to it. (`dot_product_attention(is_causal=True)` aligns its mask top-left, which is
-wrong for one query against a longer cache.)
+of two that holds the longest) through the training attention kernel and keeps each
+layer's keys and values: the cache, one (batch, heads, T, head size) array per layer for
+keys and one for values, T being block_size rounded up to whole blocks of `kv_block`
+positions. `decode` then samples `n` tokens in a `lax.fori_loop`, each step computing one
+position per row: it writes that position's key and value into the layer's array in place
+(a scatter on a loop-carried buffer; no copy of the cache) and attends over the filled
+blocks only, `max(position) // kv_block + 1` of them, with an online softmax. A step thus
+reads every weight once plus the cache up to the furthest row, as it must.
 
 At block_size. When a row's next position would be block_size, every row is prefilled
 again from the last half window of its tokens (block_size // 2) and decoding goes on:
 the model never sees more than block_size tokens, as in training, and `max_new_tokens`
-may exceed it. Sampling: greedy (temperature 0), temperature, top-k and top-p (nucleus).
+may exceed it. Sampling: greedy (temperature 0 or top_k 1), temperature, top-k and top-p
+(nucleus); the work a mode does not need (sorting, random draws) is not compiled in.
+
+Compilations: `prefill` once per power-of-two prompt length, `decode` once per sampling
+mode and token-buffer bucket (a power of two >= prompt + new tokens), so requests that
+differ only in `max_new_tokens`, temperature or seed within a bucket reuse the program.
 """
 
 from __future__ import annotations
@@ -27,82 +34,118 @@ from jax import lax
 from parallel_gpt.model import GPT
 from parallel_gpt.tokenizers import DataError
 
-
-def _attend(block_attn, x, k_cache, v_cache, positions):
-    """One attention layer over the cache. x: (B, t, C) at absolute `positions` (B, t);
-    returns the output (B, t, C) and the caches with this chunk's keys and values written."""
-    B, t, C = x.shape
-    nh = block_attn.n_head
-    hs = C // nh
-    qkv = block_attn.c_attn(x).reshape(B, t, 3, nh, hs)  # (B, t, 3, nh, hs)
-    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # (B, t, nh, hs) each
-    write = jax.vmap(lambda cache, new, start: lax.dynamic_update_slice(cache, new, (start, 0, 0)))
-    k_cache = write(k_cache, k.astype(k_cache.dtype), positions[:, 0])  # (B, T, nh, hs)
-    v_cache = write(v_cache, v.astype(v_cache.dtype), positions[:, 0])
-    T = k_cache.shape[1]
-    scores = jnp.einsum("bqhd,bkhd->bhqk", q, k_cache) / jnp.sqrt(jnp.float32(hs)).astype(q.dtype)  # (B, nh, t, T)
-    visible = jnp.arange(T)[None, None, None, :] <= positions[:, None, :, None]  # (B, 1, t, T)
-    scores = jnp.where(visible, scores.astype(jnp.float32), -jnp.inf)
-    y = jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(scores, axis=-1).astype(v_cache.dtype), v_cache)  # (B, t, nh, hs)
-    return block_attn.c_proj(y.reshape(B, t, C)), k_cache, v_cache
+KV_BLOCK = 128  # cache positions attended per inner step: at most 127 read past the furthest row
 
 
-def forward(model: GPT, idx, positions, cache):
-    """Logits (B, t, V) for tokens idx (B, t) at absolute `positions` (B, t), each row's
-    positions consecutive; `cache` = (keys, values), each (L, B, T, nh, hs), is read for
-    earlier positions and returned with these written."""
-    keys, values = cache
-    x = model.wte(idx) + model.wpe(positions)  # (B, t, C)
-    new_k, new_v = [], []
-    for i, block in enumerate(model.h):
-        y, k, v = _attend(block.attn, block.ln_1(x), keys[i], values[i], positions)
-        x = x + y
-        x = x + block.mlp(block.ln_2(x))
-        new_k.append(k)
-        new_v.append(v)
-    return model.head(x), (jnp.stack(new_k), jnp.stack(new_v))
+def _pow2(n: int) -> int:
+    return 1 << (int(n) - 1).bit_length()
 
 
-def empty_cache(model: GPT, batch: int):
+def empty_cache(model: GPT, batch: int, kv_block: int = KV_BLOCK):
+    """(keys, values): a tuple of (B, nh, T, hs) zeros per layer each, T = block_size rounded up to
+    whole blocks of min(kv_block, block_size)."""
     c = model.config
-    shape = (c.n_layer, batch, c.block_size, c.n_head, c.n_embd // c.n_head)
-    return jnp.zeros(shape, jnp.float32), jnp.zeros(shape, jnp.float32)
+    block = min(kv_block, c.block_size)
+    shape = (batch, c.n_head, -(-c.block_size // block) * block, c.n_embd // c.n_head)
+    return tuple(tuple(jnp.zeros(shape, jnp.float32) for _ in range(c.n_layer)) for _ in range(2))
 
 
-def prefill(model: GPT, window, lengths):
+def prefill(model: GPT, window, lengths, kv_block: int = KV_BLOCK):
     """Cache and next-token logits (B, V) for prompts window[b, :lengths[b]] (B, t), t <=
     block_size. Only the first power of two >= the longest prompt is computed (one compile
-    per power of two)."""
-    t = min(window.shape[1], 1 << (int(np.max(lengths)) - 1).bit_length())
-    return _prefill(model, window[:, :t], lengths)
+    per power of two), and the head only at each row's last prompt position."""
+    t = min(window.shape[1], _pow2(np.max(lengths)))
+    return _prefill(model, window[:, :t], lengths, kv_block=kv_block)
 
 
-@jax.jit
-def _prefill(model: GPT, window, lengths):
+@functools.partial(jax.jit, static_argnames=("kv_block",))
+def _prefill(model: GPT, window, lengths, *, kv_block):
     B, t = window.shape
-    positions = jnp.broadcast_to(jnp.arange(t), (B, t))
-    logits, cache = forward(model, window, positions, empty_cache(model, B))
-    return cache, jnp.take_along_axis(logits, (lengths - 1)[:, None, None], axis=1)[:, 0]  # (B, V)
+    keys, values = empty_cache(model, B, kv_block)
+    x = model.wte(window) + model.wpe.weight[None, :t]  # (B, t, C)
+    new_k, new_v = [], []
+    for block, k_cache, v_cache in zip(model.h, keys, values):
+        y, k, v = block.attn.with_kv(block.ln_1(x))  # k, v: (B, t, nh, hs)
+        x = x + y
+        x = x + block.mlp(block.ln_2(x))
+        new_k.append(lax.dynamic_update_slice(k_cache, jnp.swapaxes(k, 1, 2), (0, 0, 0, 0)))  # (B, nh, T, hs)
+        new_v.append(lax.dynamic_update_slice(v_cache, jnp.swapaxes(v, 1, 2), (0, 0, 0, 0)))
+    last = jnp.take_along_axis(x, (lengths - 1)[:, None, None], axis=1)[:, 0]  # (B, C)
+    return (tuple(new_k), tuple(new_v)), model.head(last)  # (B, V)
 
 
-def pick(logits, key, temperature, top_k: int | None, top_p):
-    """Next ids (B,) from logits (B, V): greedy when temperature is 0, else sampled at
-    `temperature` from the top_k ids and the smallest set of ids holding top_p of the mass."""
-    if top_k is not None:
-        kth = lax.top_k(logits, top_k)[0][:, -1:]  # (B, 1)
-        logits = jnp.where(logits < kth, -jnp.inf, logits)
-    scaled = logits / jnp.maximum(temperature, 1e-6)
-    probs = jax.nn.softmax(scaled, axis=-1)
-    sorted_probs = jnp.sort(probs, axis=-1)[:, ::-1]  # (B, V), largest first
-    before = jnp.cumsum(sorted_probs, axis=-1) - sorted_probs  # mass of the larger ids
-    cutoff = jnp.min(jnp.where(before < top_p, sorted_probs, jnp.inf), axis=-1, keepdims=True)  # keeps the largest
-    scaled = jnp.where(probs < cutoff, -jnp.inf, scaled)
-    sampled = jax.random.categorical(key, scaled, axis=-1)
-    return jnp.where(temperature > 0, sampled, jnp.argmax(logits, axis=-1)).astype(jnp.int32)
+def _attend_blocks(q, k_cache, v_cache, positions, kv_block: int):
+    """Attention (B, nh, hs) of one query per row q (B, nh, hs) to cache positions 0 ..
+    positions[b], reading blocks of kv_block positions up to the furthest row's, with an
+    online softmax (running max, normaliser and weighted sum per head)."""
+    B, nh, hs = q.shape
+    q = q * hs**-0.5
+
+    def block(j, carry):
+        m, norm, acc = carry  # (B, nh), (B, nh), (B, nh, hs)
+        k = lax.dynamic_slice_in_dim(k_cache, j * kv_block, kv_block, axis=2)  # (B, nh, kv_block, hs)
+        v = lax.dynamic_slice_in_dim(v_cache, j * kv_block, kv_block, axis=2)
+        s = jnp.einsum("bhd,bhkd->bhk", q, k.astype(q.dtype)).astype(jnp.float32)  # (B, nh, kv_block)
+        visible = j * kv_block + jnp.arange(kv_block)[None, None, :] <= positions[:, None, None]  # (B, 1, kv_block)
+        s = jnp.where(visible, s, -jnp.inf)
+        m_new = jnp.maximum(m, s.max(-1))  # finite: block 0 holds position 0 of every row
+        p = jnp.exp(s - m_new[..., None])
+        scale = jnp.exp(m - m_new)
+        acc = acc * scale[..., None] + jnp.einsum("bhk,bhkd->bhd", p.astype(q.dtype), v.astype(q.dtype))
+        return m_new, norm * scale + p.sum(-1), acc
+
+    init = (jnp.full((B, nh), -jnp.inf), jnp.zeros((B, nh)), jnp.zeros((B, nh, hs), q.dtype))
+    _, norm, acc = lax.fori_loop(0, jnp.max(positions) // kv_block + 1, block, init)
+    return (acc / norm[..., None]).astype(q.dtype)
 
 
-@functools.partial(jax.jit, static_argnames=("top_k",), donate_argnums=(1, 3))
-def decode(model: GPT, cache, logits, tokens, counts, positions, n, offset, key, temperature, top_p, *, top_k):
+def decode_step(model: GPT, ids, positions, cache, kv_block: int = KV_BLOCK):
+    """Logits (B, V) for one token per row, ids (B,) at `positions` (B,), and the cache
+    with their keys and values written; `cache` holds each row's earlier positions."""
+    B = ids.shape[0]
+    write = jax.vmap(lambda c, new, at: lax.dynamic_update_slice(c, new, (0, at, 0)))  # one position per row
+    x = model.wte(ids) + model.wpe(positions)  # (B, C)
+    keys, values = [], []
+    for block, k_cache, v_cache in zip(model.h, *cache):
+        q, k, v = block.attn.qkv(block.ln_1(x)[:, None])  # (B, 1, nh, hs) each
+        k_cache = write(k_cache, jnp.swapaxes(k, 1, 2).astype(k_cache.dtype), positions)  # (B, nh, T, hs)
+        v_cache = write(v_cache, jnp.swapaxes(v, 1, 2).astype(v_cache.dtype), positions)
+        y = _attend_blocks(q[:, 0], k_cache, v_cache, positions, min(kv_block, k_cache.shape[2]))  # (B, nh, hs)
+        x = x + block.attn.c_proj(y.reshape(B, -1))  # (B, C)
+        x = x + block.mlp(block.ln_2(x))
+        keys.append(k_cache)
+        values.append(v_cache)
+    return model.head(x), (tuple(keys), tuple(values))
+
+
+def pick(logits, key, temperature, top_p, *, top_k: int | None, nucleus: bool):
+    """Next ids (B,) from logits (B, V). top_k 1 is greedy (the caller maps temperature 0
+    to it); otherwise sampled at `temperature` from the top_k ids (all when None) and, when
+    `nucleus`, from the smallest set of them holding top_p of the mass. Only the top_k
+    candidates are sorted (lax.top_k), the whole vocabulary only for nucleus without top_k."""
+    if top_k == 1:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    ids = None
+    if top_k is not None or nucleus:
+        logits, ids = lax.top_k(logits, top_k or logits.shape[-1])  # (B, k), largest first
+    scaled = logits / temperature
+    if nucleus:
+        probs = jax.nn.softmax(scaled, axis=-1)
+        before = jnp.cumsum(probs, axis=-1) - probs  # mass of the larger candidates; the first is kept
+        scaled = jnp.where(before < top_p, scaled, -jnp.inf)
+    choice = jax.random.categorical(key, scaled, axis=-1)  # (B,)
+    return (choice if ids is None else jnp.take_along_axis(ids, choice[:, None], axis=-1)[:, 0]).astype(jnp.int32)
+
+
+def sampling_mode(temperature: float, top_k: int | None, top_p: float) -> dict:
+    """The static part of the sampling arguments: what `pick` compiles."""
+    greedy = temperature == 0 or top_k == 1
+    return {"top_k": 1 if greedy else top_k, "nucleus": not greedy and top_p < 1}
+
+
+@functools.partial(jax.jit, static_argnames=("top_k", "nucleus", "kv_block"), donate_argnums=(1, 3))
+def decode(model: GPT, cache, logits, tokens, counts, positions, n, offset, key, temperature, top_p, *,
+           top_k, nucleus, kv_block=KV_BLOCK):
     """`n` sampled tokens per row (traced: any count, one compile). Row b's tokens so far
     are tokens[b, :counts[b]] (B, N), of which the cache holds the last positions[b];
     `logits` (B, V) predict each row's next token. Token `offset + i` of the sample draws
@@ -111,10 +154,10 @@ def decode(model: GPT, cache, logits, tokens, counts, positions, n, offset, key,
 
     def step(i, carry):
         cache, logits, tokens, counts, positions = carry
-        next_id = pick(logits, jax.random.fold_in(key, offset + i), temperature, top_k, top_p)  # (B,)
+        next_id = pick(logits, jax.random.fold_in(key, offset + i), temperature, top_p, top_k=top_k, nucleus=nucleus)
         tokens = jax.vmap(lambda row, tok, at: row.at[at].set(tok))(tokens, next_id, counts)
-        new_logits, cache = forward(model, next_id[:, None], positions[:, None], cache)
-        return cache, new_logits[:, 0], tokens, counts + 1, positions + 1
+        new_logits, cache = decode_step(model, next_id, positions, cache, kv_block)
+        return cache, new_logits, tokens, counts + 1, positions + 1
 
     return lax.fori_loop(0, n, step, (cache, logits, tokens, counts, positions))
 
@@ -128,10 +171,12 @@ def _windows(tokens: np.ndarray, counts: np.ndarray, keep: np.ndarray, T: int):
 
 
 def generate(model: GPT, tokenizer, prompts, max_new_tokens: int = 500, temperature: float = 0.8,
-             top_k: int | None = None, top_p: float = 1.0, seed: int = 0, stream=None, chunk: int = 32):
+             top_k: int | None = None, top_p: float = 1.0, seed: int = 0, stream=None, chunk: int = 32,
+             kv_block: int = KV_BLOCK):
     """Each prompt followed by `max_new_tokens` sampled tokens, decoded with `tokenizer`:
     a string for a string, a list for a list. temperature 0 is greedy. `stream(texts)`, if
-    given, receives each row's newly decoded text every `chunk` tokens."""
+    given, receives each row's newly decoded text every `chunk` tokens. `kv_block`: cache
+    positions attended per inner step (module docstring)."""
     single = isinstance(prompts, str)
     prompts = [prompts] if single else list(prompts)
     if not prompts or any(not p for p in prompts):
@@ -145,11 +190,12 @@ def generate(model: GPT, tokenizer, prompts, max_new_tokens: int = 500, temperat
     T = model.config.block_size
     encoded = [np.asarray(tokenizer.encode(p), np.int32) for p in prompts]
     counts = np.array([len(e) for e in encoded], np.int32)
-    tokens = np.zeros((len(prompts), counts.max() + max_new_tokens), np.int32)
+    tokens = np.zeros((len(prompts), _pow2(counts.max() + max_new_tokens)), np.int32)  # one compile per bucket
     for b, e in enumerate(encoded):
         tokens[b, :len(e)] = e
     keep = np.minimum(counts, T)  # a prompt longer than the window keeps its last block_size tokens
-    cache, logits = prefill(model, jnp.asarray(_windows(tokens, counts, keep, T)), jnp.asarray(keep))
+    cache, logits = prefill(model, jnp.asarray(_windows(tokens, counts, keep, T)), jnp.asarray(keep), kv_block)
+    mode = sampling_mode(temperature, top_k, top_p)
     state = (jnp.asarray(tokens), jnp.asarray(counts), jnp.asarray(keep))
     key, done = jax.random.key(seed), 0
     while done < max_new_tokens:
@@ -157,11 +203,13 @@ def generate(model: GPT, tokenizer, prompts, max_new_tokens: int = 500, temperat
         if room == 0:  # a row's window is full: every row goes on from its last half window
             so_far, counts_now = np.asarray(state[0]), np.asarray(state[1])
             keep = np.minimum(counts_now, T // 2)
-            cache, logits = prefill(model, jnp.asarray(_windows(so_far, counts_now, keep, T)), jnp.asarray(keep))
+            cache, logits = prefill(model, jnp.asarray(_windows(so_far, counts_now, keep, T)), jnp.asarray(keep),
+                                    kv_block)
             state = (state[0], state[1], jnp.asarray(keep))
             continue
         n = min(max_new_tokens - done, room, chunk if stream else max_new_tokens)
-        cache, logits, *state = decode(model, cache, logits, *state, n, done, key, temperature, top_p, top_k=top_k)
+        cache, logits, *state = decode(model, cache, logits, *state, n, done, key, temperature, top_p, **mode,
+                                       kv_block=kv_block)
         if stream:
             new = np.asarray(state[0])
             stream([tokenizer.decode(new[b, c - n:c]) for b, c in enumerate(np.asarray(state[1]))])
@@ -171,8 +219,8 @@ def generate(model: GPT, tokenizer, prompts, max_new_tokens: int = 500, temperat
     return texts[0] if single else texts
 
 
-@functools.partial(jax.jit, static_argnames=("top_k",), donate_argnums=(1,))
-def decode_recompute(model: GPT, tokens, counts, n, offset, key, temperature, top_p, *, top_k):
+@functools.partial(jax.jit, static_argnames=("top_k", "nucleus"), donate_argnums=(1,))
+def decode_recompute(model: GPT, tokens, counts, n, offset, key, temperature, top_p, *, top_k, nucleus):
     """The path without a cache, for comparison (benchmarks/generate.py, the tests): each
     token runs the model over the window of the row's last block_size tokens. Within
     block_size it samples exactly what `decode` does. tokens (B, N) with N >= block_size."""
@@ -183,7 +231,7 @@ def decode_recompute(model: GPT, tokens, counts, n, offset, key, temperature, to
         start = jnp.maximum(counts - T, 0)  # (B,)
         window = jax.vmap(lambda row, s: lax.dynamic_slice(row, (s,), (T,)))(tokens, start)  # (B, T)
         logits = jnp.take_along_axis(model(window), (counts - 1 - start)[:, None, None], axis=1)[:, 0]  # (B, V)
-        next_id = pick(logits, jax.random.fold_in(key, offset + i), temperature, top_k, top_p)
+        next_id = pick(logits, jax.random.fold_in(key, offset + i), temperature, top_p, top_k=top_k, nucleus=nucleus)
         tokens = jax.vmap(lambda row, tok, at: row.at[at].set(tok))(tokens, next_id, counts)
         return tokens, counts + 1
 

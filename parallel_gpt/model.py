@@ -113,15 +113,23 @@ class CausalSelfAttention(nn.Module):
         )
 
     def __call__(self, x, *, key=None):
-        B, T, C = x.shape
-        hs = C // self.n_head
-        qkv = self.c_attn(x).reshape(B, T, 3, self.n_head, hs)  # (B, T, 3, nh, hs)
-        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # (B, T, nh, hs) each
         # Dropout is applied to the attention output, not to the attention weights, so that
         # fused kernels (cuDNN flash attention) serve training too.
+        return self.resid_drop(self.with_kv(x)[0], key=key)
+
+    def qkv(self, x):
+        """Queries, keys and values (..., T, nh, hs) each for x (..., T, C)."""
+        *lead, T, C = x.shape
+        qkv = self.c_attn(x).reshape(*lead, T, 3, self.n_head, C // self.n_head)  # (..., T, 3, nh, hs)
+        return qkv[..., 0, :, :], qkv[..., 1, :, :], qkv[..., 2, :, :]
+
+    def with_kv(self, x):
+        """The output (B, T, C) before dropout, and the keys and values (B, T, nh, hs) it
+        attended to: sampling's prefill keeps them as its cache."""
+        B, T, C = x.shape
+        q, k, v = self.qkv(x)  # (B, T, nh, hs) each
         y = attention.causal_attention(q, k, v, self.implementation)  # (B, T, nh, hs)
-        y = y.reshape(B, T, C)  # (B, T, nh, hs) -> (B, T, C)
-        return self.resid_drop(self.c_proj(y), key=key)
+        return self.c_proj(y.reshape(B, T, C)), k, v  # (B, T, nh, hs) -> (B, T, C)
 
 
 class MLP(nn.Module):

@@ -5,7 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from parallel_gpt.generate import decode_recompute, empty_cache, forward, generate, prefill
+from parallel_gpt.generate import (_prefill, decode, decode_recompute, decode_step, empty_cache, generate, prefill,
+                                   sampling_mode)
 from parallel_gpt.model import GPT, GPTConfig
 from parallel_gpt.tokenizers import CharTokenizer, DataError
 
@@ -13,25 +14,29 @@ TOK = CharTokenizer.from_text("abcdefghijklmnopqrstuvwxyz .\n")
 CFG = GPTConfig(block_size=24, vocab_size=64, vocab_tokens=TOK.vocab_size, n_layer=2, n_head=2, n_embd=32,
                 dropout=0.0).for_platform("cpu")
 MODEL = GPT.create(CFG, key=jax.random.key(0))
-PROMPTS = ["a", "hello there", "the quick brown fox."]  # three lengths in one batch
+PROMPTS = ["a", "hello there", "the quick brown fox."]  # three lengths in one batch; the longest is 20
+# Cache blocks: 5 pads the 24-position window to 25 (5 blocks), 8 divides it (3 blocks), 128 is one block of 24.
+KV_BLOCKS = [5, 8, 128]
 
 
-def test_cached_logits_equal_the_full_forward_pass_at_every_position():
+@pytest.mark.parametrize("kv_block", KV_BLOCKS)
+def test_cached_logits_equal_the_full_forward_pass_at_every_position(kv_block):
     rng = np.random.default_rng(0)
     lengths = np.array([1, 7, 16], np.int32)
     seqs = rng.integers(0, TOK.vocab_size, (3, 24)).astype(np.int32)
     window = np.where(np.arange(24) < lengths[:, None], seqs, 0)
-    cache, last = prefill(MODEL, jnp.asarray(window), jnp.asarray(lengths))
+    cache, last = prefill(MODEL, jnp.asarray(window), jnp.asarray(lengths), kv_block)
     full = np.asarray(MODEL(jnp.asarray(seqs)))  # (B, 24, V)
     np.testing.assert_allclose(last[:, :TOK.vocab_size], full[np.arange(3), lengths - 1, :TOK.vocab_size],
                                atol=1e-5, rtol=1e-5)
     positions = lengths.copy()
-    for _ in range(24 - 16):  # feed the rest of each sequence one token at a time
-        logits, cache = forward(MODEL, jnp.asarray(seqs[np.arange(3), positions])[:, None],
-                                jnp.asarray(positions)[:, None], cache)
-        np.testing.assert_allclose(logits[:, 0, :TOK.vocab_size], full[np.arange(3), positions, :TOK.vocab_size],
+    for _ in range(24 - 16):  # feed the rest of each sequence one token at a time, up to the window's edge
+        logits, cache = decode_step(MODEL, jnp.asarray(seqs[np.arange(3), positions]), jnp.asarray(positions),
+                                    cache, kv_block)
+        np.testing.assert_allclose(logits[:, :TOK.vocab_size], full[np.arange(3), positions, :TOK.vocab_size],
                                    atol=1e-5, rtol=1e-5)
         positions += 1
+    assert positions.max() == CFG.block_size  # the last step wrote position 23
 
 
 def recompute(n, seed, temperature, top_p, top_k):
@@ -42,24 +47,33 @@ def recompute(n, seed, temperature, top_p, top_k):
         tokens[b, :len(e)] = e
     counts = np.array([len(e) for e in ids], np.int32)
     out, _ = decode_recompute(MODEL, jnp.asarray(tokens), jnp.asarray(counts), n, 0, jax.random.key(seed),
-                              temperature, top_p, top_k=top_k)
+                              temperature, top_p, **sampling_mode(temperature, top_k, top_p))
     return [TOK.decode(np.asarray(out)[b, :c + n]) for b, c in enumerate(counts)]
 
 
-def test_greedy_tokens_equal_the_recompute_path_for_prompts_of_several_lengths():
-    cached = generate(MODEL, TOK, PROMPTS, max_new_tokens=4, temperature=0.0)
+@pytest.mark.parametrize("kv_block", KV_BLOCKS)
+def test_greedy_tokens_equal_the_recompute_path_for_prompts_of_several_lengths(kv_block):
+    # 4 new tokens take the longest prompt (20) to the window's edge: the last is predicted at position 23.
+    cached = generate(MODEL, TOK, PROMPTS, max_new_tokens=4, temperature=0.0, kv_block=kv_block)
     assert cached == recompute(4, seed=0, temperature=0.0, top_p=1.0, top_k=None)
 
 
-def test_sampling_is_the_recompute_paths_within_the_window_and_top_p_zero_is_greedy():
-    kw = dict(max_new_tokens=4, temperature=0.9, top_k=10, top_p=0.8, seed=5)
-    assert generate(MODEL, TOK, PROMPTS, **kw) == recompute(4, seed=5, temperature=0.9, top_p=0.8, top_k=10)
-    assert generate(MODEL, TOK, PROMPTS, 30, temperature=1.0, top_p=1e-9, seed=1) == \
-        generate(MODEL, TOK, PROMPTS, 30, temperature=0.0)
+@pytest.mark.parametrize("kv_block", KV_BLOCKS)
+@pytest.mark.parametrize("top_k, top_p", [(None, 1.0), (10, 1.0), (None, 0.8), (10, 0.8)])
+def test_sampling_is_the_recompute_paths_within_the_window(kv_block, top_k, top_p):
+    kw = dict(max_new_tokens=4, temperature=0.9, top_k=top_k, top_p=top_p, seed=5)
+    assert generate(MODEL, TOK, PROMPTS, **kw, kv_block=kv_block) == recompute(4, 5, 0.9, top_p, top_k)
 
 
-def test_a_seed_gives_one_sample_whatever_the_calls_and_past_the_window():
-    kw = dict(max_new_tokens=60, temperature=1.0, seed=7)  # 60 > block_size: the window slides
+def test_top_p_near_zero_and_top_k_one_are_greedy():
+    greedy = generate(MODEL, TOK, PROMPTS, 30, temperature=0.0)
+    assert generate(MODEL, TOK, PROMPTS, 30, temperature=1.0, top_k=1, seed=1) == greedy
+    assert generate(MODEL, TOK, PROMPTS, 30, temperature=1.0, top_p=1e-9, seed=1) == greedy
+
+
+@pytest.mark.parametrize("kv_block", [5, 128])
+def test_a_seed_gives_one_sample_whatever_the_calls_and_past_the_window(kv_block):
+    kw = dict(max_new_tokens=60, temperature=1.0, seed=7, kv_block=kv_block)  # 60 > block_size: the window slides
     first = generate(MODEL, TOK, PROMPTS, **kw)
     streamed = []
     assert generate(MODEL, TOK, PROMPTS, **kw, stream=streamed.append, chunk=5) == first
@@ -88,5 +102,16 @@ def test_bad_sampling_input_is_a_clear_error(kw, message):
 
 
 def test_empty_cache_shape():
-    k, v = empty_cache(MODEL, 3)
-    assert k.shape == v.shape == (2, 3, 24, 2, 16)
+    keys, values = empty_cache(MODEL, 3)
+    assert [k.shape for k in keys] == [v.shape for v in values] == [(3, 2, 24, 16)] * 2
+    assert empty_cache(MODEL, 3, kv_block=5)[0][0].shape == (3, 2, 25, 16)  # whole blocks of 5
+
+
+def test_a_different_max_new_tokens_in_the_same_bucket_does_not_compile_again():
+    kw = dict(temperature=0.7, top_k=5, seed=3)
+    generate(MODEL, TOK, PROMPTS, max_new_tokens=40, **kw)  # tokens buffer: 20 + 40 -> 64
+    compiled = decode._cache_size(), _prefill._cache_size()
+    generate(MODEL, TOK, PROMPTS, max_new_tokens=33, **{**kw, "temperature": 1.3, "seed": 4})  # 53 -> 64
+    generate(MODEL, TOK, ["ab", "c", "d"], max_new_tokens=50, **kw)  # 52 -> 64; prompts of 2: a new prefill
+    assert decode._cache_size() == compiled[0]
+    assert _prefill._cache_size() == compiled[1] + 1
