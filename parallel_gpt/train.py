@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from parallel_gpt import checkpoint, hf, parallel, perf, runstate, runtime
+from parallel_gpt import checkpoint, hf, parallel, perf, runstate, runtime, wandb_log
 from parallel_gpt.faults import fault_point
 from parallel_gpt.config import (ConfigError, TrainConfig, default_preset, make_config, parse_overrides,
                                  process_config)
@@ -34,6 +34,7 @@ from parallel_gpt.data import DataError, DataLoader, load_corpus
 from parallel_gpt.generate import generate
 from parallel_gpt.metrics import Reporter
 from parallel_gpt.model import GPT
+from parallel_gpt.profile import StepTrace
 from parallel_gpt.optim import AdamState, adam_init
 from parallel_gpt.runtime import Watchdog, is_main_process, keep_freed_memory, print0
 
@@ -114,8 +115,9 @@ def train(model: GPT, dataloader: DataLoader, tconf: TrainConfig, *, mesh: Mesh 
 
     tokens_per_step = tconf.batch_size * model.config.block_size
     reporter = Reporter(Path(tconf.out_dir), start_step, tconf.max_iters, tokens_per_step, model.flops_per_token(),
-                        perf.peak_flops(mesh.devices.flat, tconf.dtype))
+                        perf.peak_flops(mesh.devices.flat, tconf.dtype), wandb_log.settings(tconf, model.config))
     nonfinite = NonFiniteCounter(tconf.max_nonfinite)
+    trace = StepTrace(Path(tconf.out_dir), tconf.profile_from, tconf.profile_steps, tconf.profile_all_processes)
     processes = f" in {jax.process_count()} processes" if jax.process_count() > 1 else ""
     print0(f"{model.num_params() / 1e6:.2f}M parameters, {mesh.size} {mesh.devices.flat[0].platform} device(s)"
            f"{processes}, "
@@ -124,12 +126,15 @@ def train(model: GPT, dataloader: DataLoader, tconf: TrainConfig, *, mesh: Mesh 
     stop_requests = {}  # signal number -> its `stop` input, placed once
     agreed_stop = None  # the previous step's metrics["stop"]: the stop agreed by every process
     batch = place(start_step) if start_step < tconf.max_iters else None
-    with StopSignals() as signals, Watchdog(tconf.process.step_timeout) as watchdog, contextlib.closing(reporter):
+    with StopSignals() as signals, Watchdog(tconf.process.step_timeout) as watchdog, contextlib.closing(reporter), \
+            contextlib.closing(trace):
         for step in range(start_step + 1, tconf.max_iters + 1):
             watchdog.phase(f"step {step}", step=True)
             if signals.signum not in stop_requests:
                 stop_requests[signals.signum] = parallel.stop_requests(signals.signum, mesh)
+            trace.before(step)
             model, opt_state, metrics = pstep(model, *batch, opt_state, stop_requests[signals.signum])
+            trace.after(step, metrics)
             fault_point(f"step_{step}")
             if step < tconf.max_iters:
                 batch = place(step)  # the next batch is built and placed while this step runs
