@@ -46,6 +46,16 @@ class TrainConfig:
     keep_checkpoints: int = 3
     max_nonfinite: int = 10  # consecutive skipped (non-finite) updates before the run stops
     sample_tokens: int = 300  # length of the sample printed at the end; 0 for none
+    # Weights & Biases, nanoGPT's names (the [wandb] extra): process 0 logs metrics.jsonl's rows and this
+    # config to one W&B run per out_dir, whose id is kept in out_dir/wandb.json so that a resume continues it
+    wandb_log: bool = False
+    wandb_project: str = "parallel_gpt"
+    wandb_run_name: typing.Optional[str] = None  # None: W&B names the run
+    # a jax.profiler trace of steps profile_from .. profile_from + profile_steps - 1 into out_dir/profile
+    # (TensorBoard's profile plugin, XProf, or Perfetto); 0: no trace
+    profile_from: int = 0
+    profile_steps: int = 3
+    profile_all_processes: bool = False  # every process writes its own trace; False: process 0 only
     # parallelism and numerics
     devices: typing.Optional[int] = None  # first N local devices; None = all
     grad_accum: int = 1
@@ -55,12 +65,14 @@ class TrainConfig:
         if self.model.vocab_size is not None or self.model.vocab_tokens is not None:
             raise ConfigError("vocab_size is set by the dataset's tokenizer, not in a TrainConfig")
         positive = ("batch_size", "max_iters", "eval_interval", "eval_iters", "log_interval", "ckpt_interval",
-                    "grad_accum", "keep_checkpoints", "max_nonfinite")
+                    "grad_accum", "keep_checkpoints", "max_nonfinite", "profile_steps")
         for key in positive:
             if getattr(self, key) < 1:
                 raise ConfigError(f"{key}={getattr(self, key)} must be a positive integer")
         if self.sample_tokens < 0:
             raise ConfigError(f"sample_tokens={self.sample_tokens} must be >= 0")
+        if self.profile_from < 0:
+            raise ConfigError(f"profile_from={self.profile_from} must be a step >= 1, or 0 for no trace")
         if not self.init_from.strip():
             raise ConfigError("init_from is empty: use auto, scratch, resume, or a Hugging Face GPT-2 directory")
         if self.tokenizer not in (None, *TOKENIZERS):

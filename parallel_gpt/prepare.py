@@ -3,9 +3,12 @@
     python -m parallel_gpt.prepare INPUT... --tokenizer gpt2 --out DIR [--workers N]
         [--val_fraction 0.0005] [--seed 0] [--jsonl_field text] [--overwrite]
 
-INPUTs are text files, directories of them (every file below, in name order) and JSON
-Lines files (`.jsonl`, one document per row, its text in --jsonl_field); `.gz` files are
-read as streams. A text file is one document. With the gpt2 tokenizer every document
+INPUTs are files and directories of them (every file below, in name order), mixed
+freely: text (one document per file), JSON Lines (`.jsonl`: one document per row, its
+text in --jsonl_field) and Parquet (`.parquet`: one document per row, its text in the
+column --jsonl_field names), with `.gz` and `.zst` files read as streams (`.jsonl.zst`
+is JSON Lines). See `readers` for what null and non-string values get; Parquet and zstd
+need the [data] extra. With the gpt2 tokenizer every document
 ends with the end-of-text token. A document goes to validation when a hash of (seed, its
 first piece of text) falls below --val_fraction, so no document straddles the split and
 the split does not depend on file names or order. Output: DIR/train.bin and DIR/val.bin (uint16 while
@@ -24,22 +27,21 @@ the parent of --workers > 1, ~24 bytes per character for each piece in flight (<
 per worker): 4-byte characters that are 3 tokens each are the worst case (measured peaks:
 README, and `benchmarks/prepare.py`). Held whole, outside that bound: one JSON Lines row, and a run of more than
 PIECE_CHARS characters with no such GPT-2 cut (tiktoken needs it whole for exact ids).
+Parquet inputs add pyarrow (~40 MiB once) and a batch of `readers.BATCH_ROWS` rows.
 
 The output is byte-identical for any --workers. It is written to DIR.tmp-<pid> and
 renamed into place, so an interrupted prepare never leaves a DIR that loads; a rerun with
 the same inputs and settings does nothing and says so; a DIR holding another dataset is
 refused without --overwrite. Bad input (a missing file, bytes that are not UTF-8, a JSON
-Lines row that is not JSON or lacks the field, no documents) is one line on stderr and
-exit code 2.
+Lines row that is not JSON or lacks the field, a damaged or cut .gz, .zst or .parquet
+file, a Parquet file without the column or whose column is not text, no documents) is
+one line on stderr, naming the file and the line, row or byte, and exit code 2.
 """
 
 from __future__ import annotations
 
 import argparse
-import codecs
 import collections
-import contextlib
-import gzip
 import hashlib
 import json
 import multiprocessing
@@ -47,7 +49,6 @@ import os
 import shutil
 import sys
 import time
-import zlib
 from pathlib import Path
 
 import numpy as np
@@ -55,86 +56,14 @@ import numpy as np
 from parallel_gpt.files import fsync
 from parallel_gpt.faults import fault_point
 from parallel_gpt.errors import DataError, run_cli
+from parallel_gpt.readers import documents, input_files
 from parallel_gpt.tokenizers import TOKENIZERS, CharTokenizer, GPT2Tokenizer
 
 META_FORMAT = 1
 PIECE_CHARS = 1 << 18  # characters encoded in one call; the memory bound scales with it
-READ_BYTES = 1 << 18
 
 
-# --- reading documents ---------------------------------------------------------------------
-
-
-def input_files(inputs: list[str]) -> list[Path]:
-    files = []
-    for raw in inputs:
-        path = Path(raw)
-        if path.is_dir():
-            files.extend(sorted(p for p in path.rglob("*") if p.is_file()))
-        elif path.is_file():
-            files.append(path)
-        else:
-            raise DataError(f"input {raw!r} does not exist: pass text files, directories or .jsonl files")
-    if not files:
-        raise DataError(f"no input files in {', '.join(inputs)}: pass text files, directories or .jsonl files")
-    return files
-
-
-@contextlib.contextmanager
-def _open(path: Path):
-    """`path` for reading bytes (a .gz file decompressed as a stream); a damaged file is a DataError."""
-    try:
-        with gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb") as f:
-            yield f
-    except (OSError, EOFError, zlib.error) as e:
-        raise DataError(f"cannot read {path}: {e.strerror if isinstance(e, OSError) and e.strerror else e}: "
-                        f"check the file (a .gz file must be one whole gzip stream)") from None
-
-
-def _is_jsonl(path: Path) -> bool:
-    return path.name.removesuffix(".gz").endswith(".jsonl")
-
-
-def _text_chunks(path: Path, progress):
-    """The UTF-8 text of `path` in chunks; DataError naming the byte offset of bad bytes."""
-    decoder = codecs.getincrementaldecoder("utf-8")()
-    offset = 0
-    with _open(path) as f:
-        while True:
-            raw = f.read(READ_BYTES)
-            held = len(decoder.getstate()[0])  # bytes of a character cut at the previous chunk's end
-            try:
-                text = decoder.decode(raw, final=not raw)
-            except UnicodeDecodeError as e:
-                raise DataError(f"{path} is not UTF-8 text: bad byte at offset {offset - held + e.start}: "
-                                f"convert it to UTF-8") from None
-            progress(len(raw))
-            offset += len(raw)
-            if text:
-                yield text
-            if not raw:
-                return
-
-
-def documents(files: list[Path], jsonl_field: str, progress):
-    """Each document as an iterator of text chunks (a JSON Lines row is one chunk)."""
-    for path in files:
-        if _is_jsonl(path):
-            with _open(path) as f:
-                for number, line in enumerate(f, 1):
-                    progress(len(line))
-                    if not line.strip():
-                        continue
-                    try:
-                        row = json.loads(line)
-                    except (ValueError, UnicodeDecodeError) as e:
-                        raise DataError(f"{path}, line {number}: not a JSON object ({e}): fix or drop the row") from None
-                    if not isinstance(row, dict) or not isinstance(row.get(jsonl_field), str):
-                        raise DataError(f"{path}, line {number}: no string field {jsonl_field!r}: "
-                                        f"pass --jsonl_field with the name of the text field")
-                    yield iter([row[jsonl_field]])
-        else:
-            yield _text_chunks(path, progress)
+# --- cutting documents into pieces -------------------------------------------------------
 
 
 def pieces(chunks, tokenizer):
@@ -374,7 +303,8 @@ def _main(argv: list[str]) -> int:
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--val_fraction", type=float, default=0.0005)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--jsonl_field", default="text")
+    parser.add_argument("--jsonl_field", default="text",
+                        help="the text field of JSON Lines rows and the text column of Parquet files")
     parser.add_argument("--overwrite", action="store_true")
     args = parser.parse_args(argv)
     print(prepare(args.inputs, args.out, args.tokenizer, args.workers, args.val_fraction, args.seed,

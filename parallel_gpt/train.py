@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from parallel_gpt import hf, parallel, perf, runstate, runtime
+from parallel_gpt import hf, parallel, perf, runstate, runtime, wandb_log
 from parallel_gpt.config import TrainConfig, default_preset, make_config, parse_overrides, process_config
 from parallel_gpt.data import DataLoader, load_corpus
 from parallel_gpt.errors import EXIT_INTERRUPTED, NonFiniteError, run_cli
@@ -35,6 +35,7 @@ from parallel_gpt.generate import generate
 from parallel_gpt.metrics import Reporter
 from parallel_gpt.model import GPT
 from parallel_gpt.optim import AdamState
+from parallel_gpt.profile import StepTrace
 from parallel_gpt.runtime import Phase, Watchdog, is_main_process, keep_freed_memory, print0
 
 
@@ -100,12 +101,15 @@ def train(model: GPT, dataloader: DataLoader, tconf: TrainConfig, *, opt_state: 
                                dtype=jnp.dtype(tconf.dtype))
     state = dp.place(model, opt_state)
     loop = _Loop(tconf, dp, dataloader, _reporter(tconf, model, mesh, start_step))
+    trace = StepTrace(Path(tconf.out_dir), tconf.profile_from, tconf.profile_steps, tconf.profile_all_processes)
     agreed_stop = None  # the previous step's metrics["stop"]: the stop agreed by every process
     batch = dp.batch(*dataloader.batch(start_step)) if start_step < tconf.max_iters else None
-    with StopSignals() as signals, loop.watchdog, contextlib.closing(loop.reporter):
+    with StopSignals() as signals, loop.watchdog, contextlib.closing(loop.reporter), contextlib.closing(trace):
         for step in range(start_step + 1, tconf.max_iters + 1):
             loop.watchdog.phase(Phase.STEP, f"step {step}")
+            trace.before(step)
             state, metrics = dp.step(state, *batch, signals.signum)
+            trace.after(step, metrics)
             fault_point(f"step_{step}")
             if step < tconf.max_iters:
                 batch = dp.batch(*dataloader.batch(step))  # the next batch is built and placed while this step runs
@@ -141,7 +145,7 @@ def _reporter(tconf: TrainConfig, model: GPT, mesh, start_step: int) -> Reporter
     print0(f"{model.num_params() / 1e6:.2f}M parameters, {mesh.size} {mesh.devices.flat[0].platform} device(s)"
            f"{processes}, {tokens_per_step:,} tokens per step, steps {start_step} -> {tconf.max_iters}")
     return Reporter(Path(tconf.out_dir), start_step, tconf.max_iters, tokens_per_step, model.flops_per_token(),
-                    perf.peak_flops(mesh.devices.flat, tconf.dtype))
+                    perf.peak_flops(mesh.devices.flat, tconf.dtype), wandb_log.settings(tconf, model.config))
 
 
 class _Loop:
