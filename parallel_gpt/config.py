@@ -47,6 +47,9 @@ class TrainConfig:
     max_nonfinite: int = 10  # consecutive skipped (non-finite) updates before the run stops
     sample_tokens: int = 300  # length of the sample printed at the end; 0 for none
     # parallelism and numerics
+    # JAX's persistent compilation cache: auto (JAX_COMPILATION_CACHE_DIR, else
+    # ~/.cache/parallel_gpt/xla), off, or a directory (a bucket shared by a pod's workers)
+    compilation_cache: str = "auto"
     devices: typing.Optional[int] = None  # first N local devices; None = all
     grad_accum: int = 1
     dtype: str = "float32"  # activations; weights and optimizer state stay float32
