@@ -57,6 +57,9 @@ class TrainConfig:
     profile_steps: int = 3
     profile_all_processes: bool = False  # every process writes its own trace; False: process 0 only
     # parallelism and numerics
+    # JAX's persistent compilation cache: auto (JAX_COMPILATION_CACHE_DIR, else
+    # ~/.cache/parallel_gpt/xla), off, or a directory (a bucket shared by a pod's workers)
+    compilation_cache: str = "auto"
     devices: typing.Optional[int] = None  # first N local devices; None = all
     grad_accum: int = 1
     dtype: str = "float32"  # activations; weights and optimizer state stay float32

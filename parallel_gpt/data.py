@@ -107,10 +107,6 @@ def _file_splits(path: Path) -> tuple[str, str]:
 # --- prepared token files ------------------------------------------------------------------
 
 
-def cache_root() -> Path:
-    return Path(os.environ.get("PARALLEL_GPT_CACHE", Path.home() / ".cache" / "parallel_gpt"))
-
-
 def _source_id(dataset: str) -> tuple[str, str]:
     """(cache folder name, fingerprint of the source): a changed source is re-encoded."""
     if dataset == DEFAULT_DATASET:
@@ -137,7 +133,7 @@ def load_corpus(dataset: str = DEFAULT_DATASET, tokenizer: str | None = None, ca
     tokenizer = tokenizer or "char"
     name, source = _source_id(dataset)
     name += "" if tokenizer == "char" else f"-{tokenizer}"
-    folder = (cache_dir or cache_root()) / name
+    folder = (cache_dir or files.cache_root()) / name
     try:
         if json.loads((folder / "meta.json").read_text())["source"] == source:
             return open_prepared(folder, tokenizer)

@@ -9,7 +9,7 @@ import sys
 import jax
 import jax.numpy as jnp
 
-from parallel_gpt import checkpoint, hf, runstate
+from parallel_gpt import checkpoint, hf, runstate, runtime
 from parallel_gpt.errors import ConfigError, run_cli
 from parallel_gpt.generate import generate
 from parallel_gpt.model import GPT
@@ -49,7 +49,10 @@ def _main(argv: list[str]) -> int:
     ap.add_argument("--top_k", type=int, default=None)
     ap.add_argument("--top_p", type=float, default=1.0, help="nucleus: sample from the ids holding this much mass")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--compilation_cache", default="auto",
+                    help="JAX's persistent compilation cache: auto (~/.cache/parallel_gpt/xla), off, or a directory")
     args = ap.parse_args(argv)
+    runtime.use_compilation_cache(args.compilation_cache)
     if args.max_new_tokens < 1 or args.num_samples < 1:
         raise ConfigError("--max_new_tokens and --num_samples must be >= 1")
     if args.init_from:

@@ -8,6 +8,12 @@ import os
 from pathlib import Path
 
 
+def cache_root() -> Path:
+    """This user's cache of derived files: encoded corpora, compiled programs
+    (PARALLEL_GPT_CACHE moves it; default ~/.cache/parallel_gpt)."""
+    return Path(os.environ.get("PARALLEL_GPT_CACHE", Path.home() / ".cache" / "parallel_gpt"))
+
+
 def fsync(path: Path):
     """Flush a file's or a directory's entry to disk (a directory after a rename into it)."""
     fd = os.open(path, os.O_RDONLY)

@@ -36,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from parallel_gpt import parallel, topologies
+from parallel_gpt import parallel, runtime, topologies
 from parallel_gpt.config import TrainConfig, default_preset, make_config, parse_overrides
 from parallel_gpt.data import load_corpus
 from parallel_gpt.errors import ConfigError, run_cli
@@ -48,7 +48,8 @@ from parallel_gpt.tokenizers import GPT2Tokenizer
 EXIT_FITS, EXIT_DOES_NOT_FIT = 0, 1  # and errors.EXIT_BAD_INPUT (2) for bad input
 GiB = 1 << 30
 # --name=value options of plan itself, with their types; everything else is train's.
-OPTIONS = {"topology": str, "memory_limit": float, "max_batch": int, "vocab_size": int, "json": bool}
+OPTIONS = {"topology": str, "memory_limit": float, "max_batch": int, "vocab_size": int, "json": bool,
+           "compilation_cache": str}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -286,6 +287,7 @@ def _main(argv: list[str]) -> int:
     # plan runs nothing, so it leaves this machine's accelerators alone (a TPU VM's may be
     # training); compile-only TPU devices come from libtpu all the same.
     jax.config.update("jax_platforms", "cpu")
+    runtime.use_compilation_cache(own.get("compilation_cache", "auto"))
     if name.startswith("cpu:") and name[4:].isdigit():
         with contextlib.suppress(RuntimeError):  # CPU devices already made (tests): `target` checks the count
             jax.config.update("jax_num_cpu_devices", int(name[4:]))

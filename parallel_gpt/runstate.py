@@ -36,18 +36,20 @@ META_FORMAT = 2
 # the model's shape and the data it reads. Everything else may change, and is listed.
 FIXED_ON_RESUME = ("n_layer", "n_head", "n_embd", "block_size", "bias", "layer_norm_eps", "dataset")
 # How a run was started, not what it computes: never reported as a changed setting.
-_RUN_CONTROL = ("init_from", "out_dir")
+_RUN_CONTROL = ("init_from", "out_dir", "compilation_cache")
 
 
-def save_checkpoint(tconf: TrainConfig, step: int, state: parallel.TrainState, tokenizer):
-    """Process 0 writes checkpoint `step` of the run (atomically; see checkpoint.save)."""
+def save_checkpoint(tconf: TrainConfig, step: int, state: parallel.TrainState, tokenizer,
+                    writer: checkpoint.Writer):
+    """Process 0 copies checkpoint `step` of the run to host memory and has `writer` write
+    it (atomically, in the background; see checkpoint.Writer)."""
     if not is_main_process():
         return
     arrays = {**checkpoint.flatten(state.model, "model"), **checkpoint.flatten(state.opt, "opt")}
     meta = {"format": META_FORMAT, "model": dataclasses.asdict(state.model.config), "tokenizer": tokenizer.to_json(),
             "train": tconf.to_flat(), "rng": {"seed": tconf.seed, "version": parallel.RNG_VERSION},
             "data": {"next_step": step}}
-    checkpoint.save(tconf.out_dir, step, arrays, meta, keep=tconf.keep_checkpoints)
+    writer.save(tconf.out_dir, step, arrays, meta, keep=tconf.keep_checkpoints)
 
 
 def read_meta(meta: dict, where: str) -> dict:

@@ -21,12 +21,13 @@ import sys
 import threading
 import time
 import typing
+import warnings
 
 import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from parallel_gpt import fatal_filter
+from parallel_gpt import fatal_filter, files
 from parallel_gpt.errors import EXIT_PEER, ProcessSetupError
 
 # glibc mallopt(3) parameters.
@@ -64,6 +65,50 @@ def _computes_on_cpu() -> bool:
     # GPU plugins register under the `jax_plugins` namespace or entry-point group; TPUs need libtpu.
     return not (importlib.metadata.entry_points(group="jax_plugins")
                 or importlib.util.find_spec("jax_plugins") or importlib.util.find_spec("libtpu"))
+
+
+# Programs that compile faster than this are not worth a cache file (JAX's default is 1 s;
+# the training step of the `cpu` preset compiles in about that, its evaluation in less).
+CACHE_MIN_COMPILE_SECS = 0.1
+
+
+def use_compilation_cache(setting: str) -> str | None:
+    """Turn on JAX's persistent compilation cache, so that a restarted or resumed run, or a
+    second `evaluate`, loads its compiled programs instead of compiling them; returns the
+    directory, or None for setting "off".
+
+    setting: "auto" (JAX_COMPILATION_CACHE_DIR if set, else `files.cache_root()/xla`), "off",
+    or a directory (a local path, or a bucket that every worker of a pod shares, e.g.
+    gs://BUCKET/xla, which JAX reads through etils). JAX keys each entry by the program,
+    the jaxlib version, the backend and its version, the XLA flags, the compile options
+    and the devices it runs on, so a stale or foreign entry is never used; an entry it
+    cannot read is compiled again after one warning. Call before the first compilation."""
+    if setting == "off":
+        jax.config.update("jax_enable_compilation_cache", False)
+        return None
+    path = setting if setting != "auto" else (jax.config.jax_compilation_cache_dir
+                                              or str(files.cache_root() / "xla"))
+    jax.config.update("jax_compilation_cache_dir", path)
+    if "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS" not in os.environ:
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", CACHE_MIN_COMPILE_SECS)
+    if not getattr(warnings.showwarning, "damaged_cache_entries", False):
+        warnings.showwarning = _one_line_for_damaged_entries(warnings.showwarning, path)
+    return path
+
+
+def _one_line_for_damaged_entries(show, path: str):
+    """JAX warns about each cache entry it cannot read (and compiles it again), in two lines
+    each; a damaged cache gets one line in all."""
+    def showwarning(message, category, filename, lineno, file=None, line=None):
+        if not str(message).startswith("Error reading persistent compilation cache entry"):
+            return show(message, category, filename, lineno, file, line)
+        if not showwarning.reported:
+            showwarning.reported = True
+            print(f"warning: damaged entries in the compilation cache {path} were compiled again "
+                  f"({str(message).split(': ', 1)[-1][:120]})", file=sys.stderr, flush=True)
+
+    showwarning.reported, showwarning.damaged_cache_entries = False, True
+    return showwarning
 
 
 def is_main_process() -> bool:

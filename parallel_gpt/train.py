@@ -19,6 +19,7 @@ import json
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 
 import jax
@@ -26,12 +27,13 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from parallel_gpt import hf, parallel, perf, runstate, runtime, wandb_log
+from parallel_gpt import checkpoint, hf, parallel, perf, runstate, runtime, wandb_log
 from parallel_gpt.config import TrainConfig, default_preset, make_config, parse_overrides, process_config
 from parallel_gpt.data import DataLoader, load_corpus
 from parallel_gpt.errors import EXIT_INTERRUPTED, NonFiniteError, run_cli
 from parallel_gpt.faults import fault_point
 from parallel_gpt.generate import generate
+from parallel_gpt.goodput import Goodput
 from parallel_gpt.metrics import Reporter
 from parallel_gpt.model import GPT
 from parallel_gpt.optim import AdamState
@@ -90,51 +92,54 @@ def estimate_loss(dp: parallel.DataParallel, model, dataloader, eval_iters: int)
 
 
 def train(model: GPT, dataloader: DataLoader, tconf: TrainConfig, *, opt_state: AdamState | None = None,
-          start_step: int = 0) -> GPT:
+          start_step: int = 0, goodput: Goodput | None = None) -> GPT:
     """Train `model` from update `start_step` to `tconf.max_iters`; returns the trained model.
 
     Batch `step` of `dataloader` feeds update `step`, so a run resumed from a checkpoint at
-    step s replays exactly what an uninterrupted run would have done after s.
+    step s replays exactly what an uninterrupted run would have done after s. `goodput`
+    (default: one that counts from this process's start) splits the wall time by phase.
     """
     mesh = parallel.make_layout(tconf.batch_size, tconf.grad_accum, tconf.devices)
     dp = parallel.DataParallel(mesh, hp=tconf.optim, seed=tconf.seed, grad_accum=tconf.grad_accum,
                                dtype=jnp.dtype(tconf.dtype))
     state = dp.place(model, opt_state)
-    loop = _Loop(tconf, dp, dataloader, _reporter(tconf, model, mesh, start_step))
-    trace = StepTrace(Path(tconf.out_dir), tconf.profile_from, tconf.profile_steps, tconf.profile_all_processes)
+    loop = _Loop(tconf, dp, dataloader, _reporter(tconf, model, mesh, start_step), goodput or Goodput())
     agreed_stop = None  # the previous step's metrics["stop"]: the stop agreed by every process
     batch = dp.batch(*dataloader.batch(start_step)) if start_step < tconf.max_iters else None
-    with StopSignals() as signals, loop.watchdog, contextlib.closing(loop.reporter), contextlib.closing(trace):
+    with StopSignals() as signals, loop:
         for step in range(start_step + 1, tconf.max_iters + 1):
-            loop.watchdog.phase(Phase.STEP, f"step {step}")
-            trace.before(step)
-            state, metrics = dp.step(state, *batch, signals.signum)
-            trace.after(step, metrics)
-            fault_point(f"step_{step}")
-            if step < tconf.max_iters:
-                batch = dp.batch(*dataloader.batch(step))  # the next batch is built and placed while this step runs
-            loop.reporter.add(metrics)
-            # Act on the stop agreed in the previous step: reading it waits for that step
-            # only, not this one, and every process reads the same value here, so all of
-            # them save this step and stop together. A signal that lands after this step's
-            # `stop` input was placed is agreed in the next step.
-            loop.watchdog.phase(Phase.STEP_WAIT, f"waiting for step {step - 1}")
-            stop, agreed_stop = (int(agreed_stop) if agreed_stop is not None else 0), metrics["stop"]
-            last = step == tconf.max_iters
-            evaluate = step % tconf.eval_interval == 0 or last
-            save = step % tconf.ckpt_interval == 0 or last or stop
-            # Metrics reach the host only here; also before evaluating or saving, so that a
-            # run that only skips non-finite updates stops before it writes a checkpoint.
-            if step % tconf.log_interval == 0 or evaluate or save:
-                loop.report(step)
-            with loop.reporter.paused():
-                if evaluate:
-                    loop.evaluate(step, state.model)
-                if save:
-                    loop.save(step, state)
+            with loop.goodput.timing("steps"):
+                loop.watchdog.phase(Phase.STEP, f"step {step}")
+                loop.trace.before(step)
+                state, metrics = dp.step(state, *batch, signals.signum)
+                loop.trace.after(step, metrics)
+                fault_point(f"step_{step}")
+                loop.writer.check()  # a checkpoint that failed in the background stops the run here
+                if step < tconf.max_iters:
+                    batch = dp.batch(*dataloader.batch(step))  # built and placed while this step runs
+                loop.reporter.add(metrics)
+                # Act on the stop agreed in the previous step: reading it waits for that step
+                # only, not this one, and every process reads the same value here, so all of
+                # them save this step and stop together. A signal that lands after this step's
+                # `stop` input was placed is agreed in the next step.
+                loop.watchdog.phase(Phase.STEP_WAIT, f"waiting for step {step - 1}")
+                stop, agreed_stop = (int(agreed_stop) if agreed_stop is not None else 0), metrics["stop"]
+                last = step == tconf.max_iters
+                evaluate = step % tconf.eval_interval == 0 or last
+                save = step % tconf.ckpt_interval == 0 or last or stop
+                # Metrics reach the host only here; also before evaluating or saving, so that a
+                # run that only skips non-finite updates stops before it writes a checkpoint.
+                if step % tconf.log_interval == 0 or evaluate or save:
+                    loop.report(step)
+            if evaluate:
+                loop.evaluate(step, state.model)
+            if save:
+                loop.save(step, state, final=last or bool(stop))
             if stop:
+                loop.finish(step)
                 raise Interrupted(f"stopped by {signal.Signals(stop).name} at step {step}; checkpoint saved: "
                                   f"run the same command to resume")
+        loop.finish(tconf.max_iters)
     return state.model
 
 
@@ -149,13 +154,25 @@ def _reporter(tconf: TrainConfig, model: GPT, mesh, start_step: int) -> Reporter
 
 
 class _Loop:
-    """What the training loop does besides stepping: report, evaluate, save; each names
-    its phase to the watchdog and has its fault point."""
+    """What the training loop does besides stepping: report, evaluate, save, account for
+    the time; each names its phase to the watchdog and has its fault point."""
 
-    def __init__(self, tconf: TrainConfig, dp: parallel.DataParallel, dataloader: DataLoader, reporter: Reporter):
-        self.tconf, self.dp, self.dataloader, self.reporter = tconf, dp, dataloader, reporter
+    def __init__(self, tconf: TrainConfig, dp: parallel.DataParallel, dataloader: DataLoader, reporter: Reporter,
+                 goodput: Goodput):
+        self.tconf, self.dp, self.dataloader, self.reporter, self.goodput = tconf, dp, dataloader, reporter, goodput
         self.nonfinite = NonFiniteCounter(tconf.max_nonfinite)
         self.watchdog = Watchdog(tconf.process.step_timeout)
+        self.writer = checkpoint.Writer()
+        self.trace = StepTrace(Path(tconf.out_dir), tconf.profile_from, tconf.profile_steps, tconf.profile_all_processes)
+
+    def __enter__(self):
+        self.watchdog.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self.watchdog.__exit__(*exc)
+        self.trace.close()
+        self.reporter.close()
 
     def report(self, step: int):
         self.watchdog.phase(Phase.STEP_WAIT, f"waiting for the metrics of step {step}")
@@ -163,17 +180,33 @@ class _Loop:
         self.nonfinite.check(self.reporter.report(step), step)
 
     def evaluate(self, step: int, model):
-        self.watchdog.phase(Phase.WAIT, f"waiting for the evaluation at step {step}")
-        fault_point(f"eval_{step}")
-        self.reporter.evaluation(step, estimate_loss(self.dp, model, self.dataloader, self.tconf.eval_iters))
+        with self.reporter.paused(), self.goodput.timing("eval"):
+            self.watchdog.phase(Phase.WAIT, f"waiting for the evaluation at step {step}")
+            fault_point(f"eval_{step}")
+            self.reporter.evaluation(step, estimate_loss(self.dp, model, self.dataloader, self.tconf.eval_iters))
 
-    def save(self, step: int, state: parallel.TrainState):
-        self.watchdog.phase(Phase.WORK, f"writing checkpoint {step}")
-        self.reporter.flush()
-        runstate.save_checkpoint(self.tconf, step, state, self.dataloader.corpus.tokenizer)
-        # No process runs ahead of a checkpoint that process 0 is still writing.
-        self.watchdog.phase(Phase.WAIT, f"waiting at the barrier after checkpoint {step}")
-        runtime.barrier(f"checkpoint {step}")
+    def save(self, step: int, state: parallel.TrainState, final: bool):
+        """Checkpoint `step`: training waits while the state is copied to host memory (and
+        for the previous write, if it is still in flight: one at a time); process 0 writes
+        it in the background. A `final` checkpoint (the run ends after it) is waited for,
+        and no process leaves before process 0 has written it."""
+        t = time.perf_counter()
+        with self.reporter.paused(), self.goodput.timing("checkpoint"):
+            self.watchdog.phase(Phase.WORK, f"writing checkpoint {step}")
+            self.reporter.flush()
+            runstate.save_checkpoint(self.tconf, step, state, self.dataloader.corpus.tokenizer, self.writer)
+            if final:
+                self.writer.wait()
+                self.watchdog.phase(Phase.WAIT, f"waiting at the barrier after checkpoint {step}")
+                runtime.barrier(f"checkpoint {step}")
+        print0(f"checkpoint {step}: training blocked {time.perf_counter() - t:.2f} s"
+               + ("" if final else ", written in the background"))
+
+    def finish(self, step: int):
+        """The run's goodput, on the console and in metrics.jsonl."""
+        figures = self.goodput.report()
+        self.reporter.log.write(step, **figures)
+        print0(self.goodput.line(figures))
 
 
 def main(argv=None) -> int:
@@ -182,11 +215,13 @@ def main(argv=None) -> int:
 
 
 def _main(argv: list[str]) -> int:
+    goodput = Goodput()  # counts from the process's start
     preset, overrides = parse_overrides(argv)
     group = runtime.start_processes(process_config(overrides))  # before any other JAX call
     if group:
         print0(f"{jax.process_count()} processes ({group})")
     tconf = make_config(preset or default_preset(jax.default_backend()), overrides)
+    runtime.use_compilation_cache(tconf.compilation_cache)
     if tconf.hf_dir is not None:
         hf.check_dir(tconf.hf_dir)
     corpus = load_corpus(tconf.dataset, tconf.tokenizer)
@@ -205,7 +240,7 @@ def _main(argv: list[str]) -> int:
     print0(f"config: {json.dumps(tconf.to_flat())}")
     print0(f"kernels: attention={model.config.attention}, layernorm_backward={model.config.layernorm_backward}")
     try:
-        model = train(model, dataloader, tconf, opt_state=opt_state, start_step=start)
+        model = train(model, dataloader, tconf, opt_state=opt_state, start_step=start, goodput=goodput)
     except Interrupted as e:
         print0(str(e))
         runtime.stop_processes()

@@ -20,7 +20,9 @@ def saved_run(out_dir, step=4):
     tconf = make_config("tiny", {**{k: getattr(TCONF.model, k) for k in ("n_layer", "n_embd", "block_size")},
                                  "out_dir": str(out_dir)})
     model = GPT.create(tconf.model_config(TOK.vocab_size).for_platform("cpu"), key=jax.random.key(0))
-    runstate.save_checkpoint(tconf, step, TrainState(model, adam_init(model)), TOK)
+    writer = checkpoint.Writer()
+    runstate.save_checkpoint(tconf, step, TrainState(model, adam_init(model)), TOK, writer)
+    writer.wait()
     return tconf, model
 
 
