@@ -16,7 +16,6 @@ import dataclasses
 import hashlib
 import importlib.util
 import json
-import os
 import re
 from pathlib import Path
 

@@ -14,7 +14,6 @@ never joined. After 75 and 76 the same command resumes from the newest checkpoin
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import signal
@@ -25,7 +24,6 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh
 
 from parallel_gpt import checkpoint, hf, parallel, perf, runstate, runtime, wandb_log
 from parallel_gpt.config import TrainConfig, default_preset, make_config, parse_overrides, process_config
