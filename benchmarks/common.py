@@ -61,17 +61,17 @@ def synthetic_loader(vocab_size: int, block_size: int, batch_size: int) -> DataL
 class Runner:
     """One compiled step with its own state; batches are numbered on from where it stopped.
 
-    `step(state, xb, yb) -> (state, metrics)` with `step.lower(state, xb, yb)`: a
-    `parallel.DataParallel` or a jitted function of that signature; `place(i)` makes and
-    places batch i."""
+    `step(state, xb, yb) -> (state, metrics)` and `lower(state, xb, yb)`: a
+    `parallel.DataParallel`'s `step` and `lower`, or a jitted function and its `lower`;
+    `place(i)` makes and places batch i."""
 
-    def __init__(self, step, state, place):
-        self.step, self.state, self.place, self.next_batch = step, state, place, 0
+    def __init__(self, step, lower, state, place):
+        self.step, self.lower, self.state, self.place, self.next_batch = step, lower, state, place, 0
 
     def compile(self) -> float:
         """Seconds to trace, lower and compile the step ahead of time."""
         t = time.perf_counter()
-        self.step.lower(self.state, *self.place(0)).compile()
+        self.lower(self.state, *self.place(0)).compile()
         return time.perf_counter() - t
 
     def run(self, n: int) -> float:

@@ -244,7 +244,7 @@ def compare(shape: tuple[int, ...], args) -> dict:
             hello = json.loads(hello)
             dp = parallel.DataParallel(mesh, hp=hp)
             # The placed state may share jax_model's buffers, which the step donates.
-            runners = {"ours (JAX pmap, 1 device)": Runner(dp, dp.place(jax_model),
+            runners = {"ours (JAX pmap, 1 device)": Runner(dp.step, dp.lower, dp.place(jax_model),
                                                            lambda s: dp.batch(*loader.batch(s)))}
             runners.update((name, RemoteRunner(worker, name)) for name in hello["steps"])
             first_step = {name: r.run(1) for name, r in runners.items()}

@@ -114,7 +114,7 @@ def measure_point(args, n_devices: int, global_batch: int) -> dict:
     place = lambda s: dp.batch(*loader.batch(s))  # noqa: E731
     state = dp.place(fresh())
     params, flops_per_token = state.model.num_params(), state.model.flops_per_token()
-    runners = {"pmap": Runner(dp, state, place)}
+    runners = {"pmap": Runner(dp.step, dp.lower, state, place)}
     compile_s = {"pmap": runners["pmap"].compile()}
     runners["pmap"].run(args.warmup)
     # Read before any other state exists: the counter is a high-water mark for the process.
@@ -130,7 +130,8 @@ def measure_point(args, n_devices: int, global_batch: int) -> dict:
         device = mesh.devices.flat[0]
         # Committed to the device like the outputs, or the second call would compile again.
         model = fresh()
-        runners["jit"] = Runner(jit_step(hp, dtype, args.grad_accum),
+        one_device = jit_step(hp, dtype, args.grad_accum)
+        runners["jit"] = Runner(one_device, one_device.lower,
                                 jax.device_put(parallel.TrainState(model, adam_init(model)), device),
                                 lambda s: tuple(jax.device_put(a, device) for a in loader.batch(s)))
         compile_s["jit"] = runners["jit"].compile()
