@@ -1,4 +1,4 @@
-"""What a run reports: metrics.jsonl, TensorBoard events, the console line and progress.
+"""What a run reports: metrics.jsonl, TensorBoard events, W&B (wandb_log.py), the console line and progress.
 
 Process 0 writes and prints; on every other process these do nothing.
 """
