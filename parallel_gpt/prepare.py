@@ -65,12 +65,14 @@ READ_BYTES = 1 << 18
 # --- reading documents ---------------------------------------------------------------------
 
 
-def input_files(inputs: list[str]) -> list[Path]:
+def input_files(inputs: list[str], out: Path | None = None) -> list[Path]:
+    """The files `inputs` name, in order; never a file of the output directory `out` or of
+    its temporary siblings (`out`.tmp-*): a rerun would read its own earlier output."""
     files = []
     for raw in inputs:
         path = Path(raw)
         if path.is_dir():
-            files.extend(sorted(p for p in path.rglob("*") if p.is_file()))
+            files.extend(sorted(p for p in path.rglob("*") if p.is_file() and not _is_output(p, out)))
         elif path.is_file():
             files.append(path)
         else:
@@ -78,6 +80,24 @@ def input_files(inputs: list[str]) -> list[Path]:
     if not files:
         raise DataError(f"no input files in {', '.join(inputs)}: pass text files, directories or .jsonl files")
     return files
+
+
+def _is_output(path: Path, out: Path | None) -> bool:
+    if out is None:
+        return False
+    for parent in path.resolve().parents:
+        if parent == out or (parent.parent == out.parent and parent.name.startswith(f"{out.name}.tmp-")):
+            return True
+    return False
+
+
+def check_overlap(inputs: list[str], out: Path):
+    """DataError when `out` is an input or holds one: replacing it would delete the input."""
+    for raw in inputs:
+        path = Path(raw).resolve()
+        if path == out or out in path.parents:
+            raise DataError(f"--out {str(out)!r} is or contains the input {raw!r}: replacing it would delete the "
+                            f"input; choose an --out outside the inputs")
 
 
 @contextlib.contextmanager
@@ -265,12 +285,17 @@ def prepare(inputs: list[str], out: str, tokenizer: str = "gpt2", workers: int =
         raise DataError(f"tokenizer={tokenizer!r}: use one of {', '.join(TOKENIZERS)}")
     if not 0 <= val_fraction < 1:
         raise DataError(f"val_fraction={val_fraction} must be in [0, 1)")
-    if workers < 1:
-        raise DataError(f"workers={workers} must be at least 1")
-    files = input_files(inputs)
+    if not 1 <= workers <= 1024:
+        raise DataError(f"workers={workers} must be between 1 and 1024")
+    if not -2**63 <= seed < 2**63:  # hashed as 8 bytes
+        raise DataError(f"seed={seed} must be in [-2**63, 2**63)")
+    if not out.strip():
+        raise DataError("--out is empty: name the directory to write")
+    out_dir = Path(out)
+    check_overlap(inputs, out_dir.resolve())
+    files = input_files(inputs, out_dir.resolve())
     settings = {"tokenizer": tokenizer, "val_fraction": val_fraction, "seed": seed, "jsonl_field": jsonl_field}
     digest = fingerprint(files, settings)
-    out_dir = Path(out)
     existing = read_meta(out_dir)
     if existing is not None and existing.get("fingerprint") == digest:
         return f"{out_dir} already holds this dataset (fingerprint {digest[:12]}): nothing to do"

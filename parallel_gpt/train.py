@@ -187,7 +187,7 @@ def _main(argv: list[str]) -> int:
         hf.check_dir(tconf.hf_dir)
     corpus = load_corpus(tconf.dataset, tconf.tokenizer)
     if tconf.hf_dir is not None:  # the model's shape is the checkpoint's
-        tconf = TrainConfig.from_flat(hf.adopt(tconf.to_flat(), tconf.hf_dir, corpus.tokenizer.vocab_size))
+        tconf = TrainConfig.from_flat(hf.adopt(tconf.to_flat(), tconf.hf_dir, corpus.tokenizer))
     # The mesh, once here: a bad device layout fails before out_dir is touched.
     mesh = parallel.make_layout(tconf.batch_size, tconf.grad_accum, tconf.devices)
     settings = {k: v for k, v in tconf.to_flat().items() if k != "process_id"}
