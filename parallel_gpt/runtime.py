@@ -109,6 +109,11 @@ class ProcessConfig:
             raise ValueError(f"num_processes={self.num_processes} must be at least 1")
         if self.process_id is not None and not 0 <= self.process_id < (self.num_processes or sys.maxsize):
             raise ValueError(f"process_id={self.process_id} must be in [0, num_processes)")
+        if self.coordinator_address is not None:
+            host, colon, port = self.coordinator_address.rpartition(":")
+            if not (host and colon and port.isdigit() and 0 < int(port) < 65536):
+                raise ValueError(f"coordinator_address={self.coordinator_address!r} must be HOST:PORT, "
+                                 f"e.g. 10.0.0.2:8476")
 
     def resolved(self, environ=os.environ) -> "ProcessConfig":
         """This config with unset identity settings taken from JAX_COORDINATOR_ADDRESS,
@@ -146,7 +151,10 @@ def start_processes(conf: ProcessConfig) -> str | None:
     A group that does not form within init_timeout ends this process with one line (exit
     code 76) before JAX aborts it with a stack trace.
     """
-    conf = conf.resolved()
+    try:  # JAX_* variables are checked like the settings, before JAX sees them
+        conf = conf.resolved()
+    except ValueError as e:
+        raise ProcessSetupError(f"{e} (from the JAX_* environment variables or the command line)") from None
     explicit = (conf.coordinator_address, conf.num_processes, conf.process_id) != (None, None, None)
     cluster = None if explicit else detected_cluster()
     if not explicit and cluster is None:
