@@ -230,6 +230,13 @@ def check_agreement(values: dict[str, object]):
                                 f"with the same command and data")
 
 
+def max_over_processes(value: int) -> int:
+    """The largest of every process's `value` (one small all-gather)."""
+    if jax.process_count() == 1:
+        return value
+    return int(np.asarray(multihost_utils.process_allgather(np.int32(value))).max())
+
+
 def on_process_0(fn, *args):
     """`fn(*args)` on process 0 only, for work on its files; returns its JSON-serialisable
     result on every process. When it raises, process 0 raises that error and every other
