@@ -137,9 +137,13 @@ def read_tokenizer(meta: dict, where: str):
 def read_newest(out_dir: str, report=print):
     """(arrays, meta, GPTConfig, tokenizer) of the newest valid checkpoint in `out_dir`, for
     sampling and export; CheckpointError (one line) when there is none this version reads."""
-    found = checkpoint.load_latest(out_dir, report=report)
-    if found is None and checkpoint.checkpoint_dirs(out_dir):
-        raise CheckpointError(f"no valid checkpoint in {out_dir!r}: every one is damaged (see the lines above)")
+    skipped = []
+    found = checkpoint.load_latest(out_dir, report=skipped.append)
+    if found is None and skipped:  # the newest's reason, in the one line
+        raise CheckpointError(f"no valid checkpoint in {out_dir!r}: every one is damaged, the newest: "
+                              f"{skipped[0].removeprefix('skipping ')}")
+    for line in skipped:
+        report(line)
     if found is None:
         raise CheckpointError(
             f"no checkpoint in {out_dir!r}: train one first with `python -m parallel_gpt.train --out_dir={out_dir}`")
