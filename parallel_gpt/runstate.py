@@ -216,13 +216,14 @@ def check_resume(meta: dict, tconf: TrainConfig, tokenizer, facts: dict | None =
     fixed = FIXED_ON_RESUME if recorded.get("dataset_fingerprint") else (*FIXED_ON_RESUME, "dataset")
     changed = [k for k, v in new.items() if k in old and old[k] != v and k not in _RUN_CONTROL]
     forbidden = [f"{k} ({old[k]!r} -> {new[k]!r})" for k in changed if k in fixed]
-    if facts and recorded.get("dataset_fingerprint") not in (None, facts["dataset_fingerprint"]):
-        forbidden.append(f"dataset content ({old.get('dataset')!r}, fingerprint "
-                         f"{recorded['dataset_fingerprint'][:12]} -> {tconf.dataset!r}, {facts['dataset_fingerprint'][:12]})")
     if meta["tokenizer"].get("type") != tokenizer.to_json()["type"]:
         forbidden.append(f"tokenizer ({meta['tokenizer'].get('type')!r} -> {tokenizer.to_json()['type']!r})")
     elif meta["tokenizer"] != tokenizer.to_json():
         forbidden.append("vocabulary")
+    elif facts and recorded.get("dataset_fingerprint") not in (None, facts["dataset_fingerprint"]):
+        # (The fingerprint covers the tokenizer too: named above when that is what changed.)
+        was, now = recorded["dataset_fingerprint"][:12], facts["dataset_fingerprint"][:12]
+        forbidden.append(f"dataset content ({old.get('dataset')!r}, fingerprint {was} -> {tconf.dataset!r}, {now})")
     if meta["rng"].get("version") != parallel.RNG_VERSION:
         forbidden.append(f"dropout RNG derivation (version {meta['rng'].get('version')!r} -> {parallel.RNG_VERSION})")
     if forbidden:
