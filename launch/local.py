@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -120,6 +121,9 @@ def main(argv=None) -> int:
         return 2
     if args.num_processes < 1 or (args.devices_per_process is not None and args.devices_per_process < 1):
         print("error: --num_processes and --devices_per_process must be at least 1", file=sys.stderr)
+        return 2
+    if shutil.which(command[0]) is None:
+        print(f"error: command {command[0]!r} not found or not executable: check the command after --", file=sys.stderr)
         return 2
     group = Group(command, args.num_processes, args.devices_per_process, args.port or free_port())
     for signum in (signal.SIGTERM, signal.SIGINT):

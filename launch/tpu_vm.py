@@ -361,6 +361,10 @@ def parse(argv: list) -> argparse.Namespace:
         raise UsageError("--valid_until needs --queued")
     if args.subcommand in ("create", "babysit"):
         hosts(args.accelerator_type)
+    # The name is part of the shell script run on every worker, and of a path there.
+    run_name = getattr(args, "run_name", None)
+    if run_name is not None and not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9._-]*", run_name):
+        raise UsageError(f"--run_name {run_name!r}: use letters, digits, '.', '_' and '-' (not first) only")
     return args
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import math
 import typing
 
 from parallel_gpt.errors import ConfigError
@@ -76,6 +77,11 @@ class TrainConfig:
             raise ConfigError(f"sample_tokens={self.sample_tokens} must be >= 0")
         if self.profile_from < 0:
             raise ConfigError(f"profile_from={self.profile_from} must be a step >= 1, or 0 for no trace")
+        if not 0 <= self.seed < 2**31:
+            raise ConfigError(f"seed={self.seed} must be in [0, 2**31)")
+        if not self.out_dir.strip():
+            raise ConfigError("out_dir is empty: name the run's directory, e.g. --out_dir=out")
+        _check_numbers(self)
         if not self.init_from.strip():
             raise ConfigError("init_from is empty: use auto, scratch, resume, or a Hugging Face GPT-2 directory")
         if self.tokenizer not in (None, *TOKENIZERS):
@@ -110,6 +116,19 @@ class TrainConfig:
             return cls(**nested, **groups[None])
         except (TypeError, ValueError) as e:  # GPTConfig's and AdamHParams' own checks, or a wrong type
             raise ConfigError(str(e)) from None
+
+
+def _check_numbers(conf):
+    """ConfigError for a float setting that is not finite or an integer setting outside
+    int32 (the step count, the seed and the shapes are int32 on the devices), nested groups too."""
+    for f in dataclasses.fields(conf):
+        value = getattr(conf, f.name)
+        if dataclasses.is_dataclass(value):
+            _check_numbers(value)
+        elif isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{f.name}={value} must be a finite number")
+        elif isinstance(value, int) and not isinstance(value, bool) and not -2**31 <= value < 2**31:
+            raise ConfigError(f"{f.name}={value} is out of range: it must be below 2**31")
 
 
 INIT_MODES = ("auto", "scratch", "resume")
@@ -214,9 +233,11 @@ def process_config(overrides: dict) -> ProcessConfig:
     """The process-group settings among `overrides`, alone: the group must form before
     anything else (even the choice of preset) asks JAX about devices."""
     try:
-        return ProcessConfig(**{k: v for k, v in overrides.items() if FLAT_KEYS[k] == "process"})
+        conf = ProcessConfig(**{k: v for k, v in overrides.items() if FLAT_KEYS[k] == "process"})
     except ValueError as e:
         raise ConfigError(str(e)) from None
+    _check_numbers(conf)
+    return conf
 
 
 def make_config(preset: str, overrides: dict) -> TrainConfig:

@@ -37,6 +37,7 @@ class Corpus:
     tokenizer: object  # tokenizers.CharTokenizer or GPT2Tokenizer
     name: str
     fingerprint: str  # of the tokens and the tokenizer: the processes of a run must agree on it
+    val_fraction: float | None = None  # the share `prepare` put in validation; None for a text file's last 10%
 
 
 # --- the embedded Shakespeare corpus -------------------------------------------------------
@@ -185,7 +186,9 @@ def open_prepared(folder: Path, tokenizer: str | None = None) -> Corpus:
         # An empty file cannot be memory-mapped; it is an empty split.
         splits.append(np.memmap(path, dtype=meta["dtype"], mode="r") if size else np.zeros(0, meta["dtype"]))
     digest = hashlib.sha256(json.dumps([meta["tokenizer"], meta["sha256"]], sort_keys=True).encode()).hexdigest()
-    return Corpus(*splits, tok, folder.name, digest)
+    settings = meta.get("settings")
+    val_fraction = settings.get("val_fraction") if isinstance(settings, dict) else None
+    return Corpus(*splits, tok, folder.name, digest, val_fraction)
 
 
 # --- the batch sampler ---------------------------------------------------------------------
@@ -204,10 +207,12 @@ class DataLoader:
         for split in ("train", "val"):
             n = getattr(corpus, split).size
             if n < block_size + 1:
-                raise DataError(
-                    f"the {split} split of {corpus.name!r} has {n} tokens, fewer than block_size+1={block_size + 1}: "
-                    f"use a longer text or a smaller block_size"
-                )
+                fix = "use a longer text or a smaller block_size"
+                if split == "val" and corpus.val_fraction is not None:
+                    fix = (f"prepare it again with a larger --val_fraction (it was {corpus.val_fraction}), or use a "
+                           f"smaller block_size")
+                raise DataError(f"the {split} split of {corpus.name!r} has {n} tokens, fewer than block_size+1="
+                                f"{block_size + 1}: {fix}")
         self.corpus, self.block_size, self.batch_size, self.seed = corpus, block_size, batch_size, seed
         self.rows = slice(process_index * batch_size // process_count, (process_index + 1) * batch_size // process_count)
 

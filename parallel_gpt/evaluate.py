@@ -4,6 +4,7 @@ Hugging Face GPT-2 directory (`generate.generate`: prefill and KV-cache decoding
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 
 import jax
@@ -13,6 +14,8 @@ from parallel_gpt import checkpoint, hf, runstate, runtime
 from parallel_gpt.errors import ConfigError, run_cli
 from parallel_gpt.generate import generate
 from parallel_gpt.model import GPT
+
+MAX_TOKENS = 2**28
 
 
 def load_model(out_dir: str, report=print) -> tuple[GPT, object, dict]:
@@ -55,6 +58,14 @@ def _main(argv: list[str]) -> int:
     runtime.use_compilation_cache(args.compilation_cache)
     if args.max_new_tokens < 1 or args.num_samples < 1:
         raise ConfigError("--max_new_tokens and --num_samples must be >= 1")
+    # The samples' ids are held in one int32 array: this bound keeps it under 4 GiB.
+    if args.max_new_tokens * args.num_samples > MAX_TOKENS:
+        raise ConfigError(f"--max_new_tokens x --num_samples = {args.max_new_tokens * args.num_samples:,} is more "
+                          f"than {MAX_TOKENS:,} tokens: sample less in one call")
+    if not all(math.isfinite(v) for v in (args.temperature, args.top_p)):
+        raise ConfigError("--temperature and --top_p must be finite numbers")
+    if not 0 <= args.seed < 2**31:
+        raise ConfigError(f"--seed={args.seed} must be in [0, 2**31)")
     if args.init_from:
         model, tokenizer = load_hf_model(args.init_from)
     else:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import struct
 from pathlib import Path
 
@@ -28,6 +29,7 @@ from parallel_gpt.errors import CheckpointError, HFError
 from parallel_gpt.model import GPTConfig, pad_vocab
 
 CONFIG, WEIGHTS = "config.json", "model.safetensors"
+EXPORTED = (CONFIG, WEIGHTS, "vocab.json", "merges.txt", "tokenizer_config.json")  # every file `export` writes
 TANH_GELUS = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")
 _BUFFERS = (".attn.bias", ".attn.masked_bias")
 _DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16, "F64": np.float64}
@@ -56,10 +58,7 @@ def read_config(path: str) -> dict:
     n_embd, block_size, bias, layer_norm_eps) plus `vocab_tokens`; HFError for anything
     our GPT cannot represent."""
     file = Path(path) / CONFIG
-    try:
-        c = json.loads(file.read_text())
-    except (OSError, ValueError) as e:
-        raise HFError(f"cannot read {file} ({e})") from None
+    c = _read_config_json(file)
     if c.get("model_type", "gpt2") != "gpt2":
         raise HFError(f"{file}: model_type={c.get('model_type')!r}, only gpt2 models load")
     refusals = [
@@ -75,11 +74,28 @@ def read_config(path: str) -> dict:
     for field, refused, allowed in refusals:
         if refused:
             raise HFError(f"{file}: {field}={c.get(field)!r} cannot be represented ({allowed})")
-    missing = [k for k in ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head") if not isinstance(c.get(k), int)]
+    missing = [k for k in ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head")
+               if type(c.get(k)) is not int or not 0 < c[k] < 2**31]
     if missing:
-        raise HFError(f"{file} lacks {', '.join(missing)}: not a GPT-2 config")
+        raise HFError(f"{file} lacks {', '.join(missing)} (or has a value that is not a positive integer): "
+                      f"not a GPT-2 config")
+    if c["n_embd"] % c["n_head"]:
+        raise HFError(f"{file}: n_embd={c['n_embd']} is not a multiple of n_head={c['n_head']}: not a GPT-2 config")
+    eps = c.get("layer_norm_epsilon", 1e-5)
+    if type(eps) not in (int, float) or not (math.isfinite(eps) and eps > 0):
+        raise HFError(f"{file}: layer_norm_epsilon={eps!r} must be a positive number")
     return {"n_layer": c["n_layer"], "n_head": c["n_head"], "n_embd": c["n_embd"], "block_size": c["n_positions"],
-            "bias": True, "layer_norm_eps": float(c.get("layer_norm_epsilon", 1e-5)), "vocab_tokens": c["vocab_size"]}
+            "bias": True, "layer_norm_eps": float(eps), "vocab_tokens": c["vocab_size"]}
+
+
+def _read_config_json(file: Path) -> dict:
+    try:
+        c = json.loads(file.read_text())
+    except (OSError, ValueError) as e:
+        raise HFError(f"cannot read {file} ({e})") from None
+    if not isinstance(c, dict):
+        raise HFError(f"{file} holds a JSON {type(c).__name__}, not an object: not a GPT-2 config")
+    return c
 
 
 def read_safetensors(file: Path) -> dict[str, np.ndarray]:
@@ -93,14 +109,27 @@ def read_safetensors(file: Path) -> dict[str, np.ndarray]:
         data = np.memmap(file, np.uint8, mode="r", offset=8 + n) if file.stat().st_size > 8 + n else np.zeros(0, np.uint8)
     except (OSError, ValueError, struct.error) as e:
         raise HFError(f"cannot read {file} ({e}): not a safetensors file") from None
+    if not isinstance(header, dict):
+        raise HFError(f"cannot read {file}: its header is not a JSON object: not a safetensors file")
     out = {}
     for name, t in header.items():
         if name == "__metadata__":
             continue
-        if t.get("dtype") not in _DTYPES:
-            raise HFError(f"{file}: tensor {name} has dtype {t.get('dtype')}, not a float type this loader reads")
-        start, end = t["data_offsets"]
-        out[name] = data[start:end].view(_DTYPES[t["dtype"]]).reshape(t["shape"])
+        if not isinstance(t, dict) or t.get("dtype") not in _DTYPES:
+            raise HFError(f"{file}: tensor {name} has dtype {t.get('dtype') if isinstance(t, dict) else None}, "
+                          f"not a float type this loader reads")
+        try:
+            (start, end), shape = t["data_offsets"], tuple(t["shape"])
+            size = math.prod(shape) * np.dtype(_DTYPES[t["dtype"]]).itemsize
+            valid = 0 <= start <= end and end - start == size
+        except (KeyError, TypeError, ValueError):
+            valid = False
+        if not valid:
+            raise HFError(f"{file}: tensor {name} has a damaged header entry: not a safetensors file")
+        if end > data.size:  # an interrupted copy
+            raise HFError(f"{file} is truncated ({file.stat().st_size} bytes, tensor {name} needs {8 + n + end}): "
+                          f"copy or download it again")
+        out[name] = data[start:end].view(_DTYPES[t["dtype"]]).reshape(shape)
     return out
 
 
@@ -135,22 +164,29 @@ def load_model(path: str, config: GPTConfig, template):
     return model
 
 
-def adopt(flat: dict, path: str, vocab_tokens: int) -> dict:
+def adopt(flat: dict, path: str, tokenizer) -> dict:
     """Run settings `flat` with the model shape of the HF checkpoint at `path`; its
     block_size is the smaller of the run's and the checkpoint's n_positions. HFError when
-    the dataset's tokenizer (`vocab_tokens` ids) does not match the model's vocabulary."""
+    the dataset's `tokenizer` is not the model's: another vocabulary than the one its
+    config.json names (`parallel_gpt_tokenizer`, or GPT-2's for 50,257 ids), or another size."""
     hf = read_config(path)
-    if hf["vocab_tokens"] != vocab_tokens:
+    own = _named_tokenizer(_read_config_json(Path(path) / CONFIG))
+    if own is not None and own != tokenizer.to_json():
+        raise HFError(f"{Path(path) / CONFIG}: the model's vocabulary ({_describe(own)}) is not the dataset's "
+                      f"({_describe(tokenizer.to_json())}): every id would mean another token; train on text "
+                      f"encoded with the model's tokenizer")
+    if hf["vocab_tokens"] != tokenizer.vocab_size:
         raise HFError(f"{Path(path) / CONFIG}: vocab_size={hf['vocab_tokens']} but the dataset's tokenizer has "
-                      f"{vocab_tokens} ids: prepare the data with the model's tokenizer (--tokenizer=gpt2)")
+                      f"{tokenizer.vocab_size} ids: prepare the data with the model's tokenizer (--tokenizer=gpt2)")
     shape = {k: v for k, v in hf.items() if k != "vocab_tokens"}
     return {**flat, **shape, "block_size": min(flat["block_size"], hf["block_size"])}
 
 
-def export(model_config: GPTConfig, arrays: dict[str, np.ndarray], tokenizer, to: str):
+def export(model_config: GPTConfig, arrays: dict[str, np.ndarray], tokenizer, to: str, source: str | None = None):
     """Write `to`/config.json and model.safetensors for `transformers.GPT2LMHeadModel`;
     config.json names our tokenizer too (`parallel_gpt_tokenizer`), so a character-level
-    model carries its vocabulary."""
+    model carries its vocabulary, and the run it came from (`parallel_gpt_source`, the
+    resolved out_dir), so that exporting the run again may replace it."""
     from safetensors.numpy import save_file
 
     c = model_config
@@ -172,7 +208,7 @@ def export(model_config: GPTConfig, arrays: dict[str, np.ndarray], tokenizer, to
               "n_head": c.n_head, "n_inner": None, "activation_function": "gelu_new",
               "resid_pdrop": c.dropout, "embd_pdrop": c.dropout, "attn_pdrop": 0.0,
               "layer_norm_epsilon": c.layer_norm_eps, "initializer_range": 0.02, "scale_attn_weights": True,
-              "tie_word_embeddings": True, "parallel_gpt_tokenizer": tokenizer.to_json()}
+              "tie_word_embeddings": True, "parallel_gpt_tokenizer": tokenizer.to_json(), "parallel_gpt_source": source}
     if tokenizer.eot is not None:
         config.update(bos_token_id=50256, eos_token_id=50256)
     out = Path(to)
@@ -219,14 +255,34 @@ def write_gpt2_tokenizer(out: Path, max_length: int):
         "unk_token": eot, "add_prefix_space": False}, indent=2) + "\n")
 
 
+def _named_tokenizer(c: dict) -> dict | None:
+    """The tokenizer (as `to_json`) a config.json names: ours, else GPT-2's for 50,257 ids."""
+    if "parallel_gpt_tokenizer" in c:
+        return c["parallel_gpt_tokenizer"]
+    return tokenizers.GPT2Tokenizer().to_json() if c.get("vocab_size") == tokenizers.GPT2Tokenizer.vocab_size else None
+
+
+def _describe(tokenizer_json) -> str:
+    chars = tokenizer_json.get("chars") if isinstance(tokenizer_json, dict) else None
+    kind = tokenizer_json.get("type") if isinstance(tokenizer_json, dict) else tokenizer_json
+    return f"{kind} tokens" + (f", {len(chars)} characters starting {chars[:12]!r}" if isinstance(chars, str) else "")
+
+
 def tokenizer(path: str):
     """The tokenizer of an HF checkpoint: the one our export names, else GPT-2's for a
     50,257-id vocabulary; HFError otherwise."""
-    c = json.loads((Path(path) / CONFIG).read_text())
-    if isinstance(c.get("parallel_gpt_tokenizer"), dict):
-        return tokenizers.from_json(c["parallel_gpt_tokenizer"])
-    if c.get("vocab_size") == tokenizers.GPT2Tokenizer.vocab_size:
-        return tokenizers.GPT2Tokenizer()
+    file = Path(path) / CONFIG
+    c = _read_config_json(file)
+    named = _named_tokenizer(c)
+    if named is not None:
+        try:
+            tok = tokenizers.from_json(named)
+        except tokenizers.DataError as e:
+            raise HFError(f"{file}: parallel_gpt_tokenizer names {e}") from None
+        if tok.vocab_size != c.get("vocab_size"):
+            raise HFError(f"{file}: its tokenizer has {tok.vocab_size} ids but vocab_size={c.get('vocab_size')!r}: "
+                          f"the file is damaged")
+        return tok
     raise HFError(f"{Path(path) / CONFIG}: vocab_size={c.get('vocab_size')} is not GPT-2's and names no tokenizer: "
                   f"sampling needs a tokenizer this version knows")
 
@@ -237,4 +293,7 @@ def model_config(path: str, block_size: int | None = None) -> GPTConfig:
     vocab = hf.pop("vocab_tokens")
     if block_size:
         hf["block_size"] = min(block_size, hf["block_size"])
-    return dataclasses.replace(GPTConfig(dropout=0.0), **hf, vocab_size=pad_vocab(vocab), vocab_tokens=vocab)
+    try:
+        return dataclasses.replace(GPTConfig(dropout=0.0), **hf, vocab_size=pad_vocab(vocab), vocab_tokens=vocab)
+    except ValueError as e:  # GPTConfig's own checks
+        raise HFError(f"{Path(path) / CONFIG}: {e}") from None

@@ -31,10 +31,11 @@ class MetricsLog:
             return
         from tensorboardX import SummaryWriter
 
+        out_dir.mkdir(parents=True, exist_ok=True)
         self.path = out_dir / "metrics.jsonl"
         kept = []
-        if self.path.exists():
-            rows = [r for r in self.path.read_text().splitlines() if r.strip()]
+        if self.path.exists():  # a damaged row (bytes that are not UTF-8, cut JSON) is dropped like a later step's
+            rows = [r for r in self.path.read_bytes().decode("utf-8", "replace").splitlines() if r.strip()]
             kept = [r for r in rows if _row_step(r) is not None and _row_step(r) <= start_step]
             if len(kept) != len(rows):
                 tmp = self.path.with_suffix(".tmp")

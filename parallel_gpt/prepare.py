@@ -56,7 +56,7 @@ import numpy as np
 from parallel_gpt.files import fsync
 from parallel_gpt.faults import fault_point
 from parallel_gpt.errors import DataError, run_cli
-from parallel_gpt.readers import documents, input_files
+from parallel_gpt.readers import check_overlap, documents, input_files
 from parallel_gpt.tokenizers import TOKENIZERS, CharTokenizer, GPT2Tokenizer
 
 META_FORMAT = 1
@@ -194,12 +194,17 @@ def prepare(inputs: list[str], out: str, tokenizer: str = "gpt2", workers: int =
         raise DataError(f"tokenizer={tokenizer!r}: use one of {', '.join(TOKENIZERS)}")
     if not 0 <= val_fraction < 1:
         raise DataError(f"val_fraction={val_fraction} must be in [0, 1)")
-    if workers < 1:
-        raise DataError(f"workers={workers} must be at least 1")
-    files = input_files(inputs)
+    if not 1 <= workers <= 1024:
+        raise DataError(f"workers={workers} must be between 1 and 1024")
+    if not -2**63 <= seed < 2**63:  # hashed as 8 bytes
+        raise DataError(f"seed={seed} must be in [-2**63, 2**63)")
+    if not out.strip():
+        raise DataError("--out is empty: name the directory to write")
+    out_dir = Path(out)
+    check_overlap(inputs, out_dir.resolve())
+    files = input_files(inputs, out_dir.resolve())
     settings = {"tokenizer": tokenizer, "val_fraction": val_fraction, "seed": seed, "jsonl_field": jsonl_field}
     digest = fingerprint(files, settings)
-    out_dir = Path(out)
     existing = read_meta(out_dir)
     if existing is not None and existing.get("fingerprint") == digest:
         return f"{out_dir} already holds this dataset (fingerprint {digest[:12]}): nothing to do"

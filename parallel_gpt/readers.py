@@ -39,14 +39,16 @@ _PARQUET_BUFFER = 1 << 16  # bytes read from a column chunk at a time
 _EXTRA = "pip install 'parallel_gpt[data]'"
 
 
-def input_files(inputs: list[str]) -> list[Path]:
-    """Every input file, directories expanded (every file below, in name order); DataError
-    for a missing path, or for a .parquet or .zst file when its reader is not installed."""
+def input_files(inputs: list[str], out: Path | None = None) -> list[Path]:
+    """Every input file, directories expanded (every file below, in name order), never a
+    file of the output directory `out` or of its temporary siblings (`out`.tmp-*): a rerun
+    would read its own earlier output. DataError for a missing path, or for a .parquet or
+    .zst file when its reader is not installed."""
     files = []
     for raw in inputs:
         path = Path(raw)
         if path.is_dir():
-            files.extend(sorted(p for p in path.rglob("*") if p.is_file()))
+            files.extend(sorted(p for p in path.rglob("*") if p.is_file() and not _is_output(p, out)))
         elif path.is_file():
             files.append(path)
         else:
@@ -61,6 +63,24 @@ def input_files(inputs: list[str]) -> list[Path]:
             except ImportError:
                 raise DataError(f"{needing}: reading {suffix} files needs {module.split('.')[0]}: {_EXTRA}") from None
     return files
+
+
+def _is_output(path: Path, out: Path | None) -> bool:
+    if out is None:
+        return False
+    for parent in path.resolve().parents:
+        if parent == out or (parent.parent == out.parent and parent.name.startswith(f"{out.name}.tmp-")):
+            return True
+    return False
+
+
+def check_overlap(inputs: list[str], out: Path):
+    """DataError when `out` is an input or holds one: replacing it would delete the input."""
+    for raw in inputs:
+        path = Path(raw).resolve()
+        if path == out or out in path.parents:
+            raise DataError(f"--out {str(out)!r} is or contains the input {raw!r}: replacing it would delete the "
+                            f"input; choose an --out outside the inputs")
 
 
 def documents(files: list[Path], field: str, progress):

@@ -154,6 +154,11 @@ class ProcessConfig:
             raise ValueError(f"num_processes={self.num_processes} must be at least 1")
         if self.process_id is not None and not 0 <= self.process_id < (self.num_processes or sys.maxsize):
             raise ValueError(f"process_id={self.process_id} must be in [0, num_processes)")
+        if self.coordinator_address is not None:
+            host, colon, port = self.coordinator_address.rpartition(":")
+            if not (host and colon and port.isdigit() and 0 < int(port) < 65536):
+                raise ValueError(f"coordinator_address={self.coordinator_address!r} must be HOST:PORT, "
+                                 f"e.g. 10.0.0.2:8476")
 
     def resolved(self, environ=os.environ) -> "ProcessConfig":
         """This config with unset identity settings taken from JAX_COORDINATOR_ADDRESS,
@@ -191,7 +196,10 @@ def start_processes(conf: ProcessConfig) -> str | None:
     A group that does not form within init_timeout ends this process with one line (exit
     code 76) before JAX aborts it with a stack trace.
     """
-    conf = conf.resolved()
+    try:  # JAX_* variables are checked like the settings, before JAX sees them
+        conf = conf.resolved()
+    except ValueError as e:
+        raise ProcessSetupError(f"{e} (from the JAX_* environment variables or the command line)") from None
     explicit = (conf.coordinator_address, conf.num_processes, conf.process_id) != (None, None, None)
     cluster = None if explicit else detected_cluster()
     if not explicit and cluster is None:
@@ -265,6 +273,13 @@ def check_agreement(values: dict[str, object]):
     if differ:
         raise ProcessSetupError(f"processes differ from process 0 in {', '.join(differ)}: start every process "
                                 f"with the same command and data")
+
+
+def max_over_processes(value: int) -> int:
+    """The largest of every process's `value` (one small all-gather)."""
+    if jax.process_count() == 1:
+        return value
+    return int(np.asarray(multihost_utils.process_allgather(np.int32(value))).max())
 
 
 def on_process_0(fn, *args):

@@ -150,6 +150,9 @@ def from_json(obj: dict):
     kind = obj.get("type") if isinstance(obj, dict) else None
     if kind == "char" and isinstance(obj.get("chars"), str):
         return CharTokenizer(obj["chars"])
+    if kind == "char":
+        raise DataError(f"a char tokenizer whose chars are {type(obj.get('chars')).__name__}, not a string: "
+                        f"the file is damaged")
     if kind == "gpt2":
         return GPT2Tokenizer()
     raise DataError(f"a tokenizer this version does not know ({kind!r}): use the version of parallel_gpt that wrote it")

@@ -14,10 +14,14 @@ never joined. After 75 and 76 the same command resumes from the newest checkpoin
 
 from __future__ import annotations
 
+import atexit
+import contextlib
+import functools
 import json
 import os
 import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -45,16 +49,49 @@ class Interrupted(Exception):
 
 class StopSignals:
     """SIGTERM/SIGINT set `signum`, which the loop hands to each step (`parallel.step`'s
-    `stop`); a second signal exits at once."""
+    `stop`); a second signal exits at once.
+
+    The command enters it on its first line, so that a signal during start-up is kept:
+    `_main` ends every process with EXIT_INTERRUPTED at the end of start-up, and a later
+    one is carried into the loop. Inside `at_once(what)` (joining the process group, which
+    may wait minutes in JAX's C++ code, where no Python handler runs) a signal ends the
+    process at once with EXIT_INTERRUPTED: there is nothing to save and no group to tell."""
 
     def __init__(self):
-        self.signum = 0
+        self.signum, self._at_once = 0, None
 
     def __enter__(self):
         self._old = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
+        # The C-level handler writes each signal's number to this pipe at once, even while
+        # the main thread is blocked; a thread reads it (see `at_once`).
+        read, self._write = os.pipe()
+        os.set_blocking(self._write, False)
+        self._old_fd = signal.set_wakeup_fd(self._write, warn_on_full_buffer=False)
+        threading.Thread(target=self._watch, args=(read,), daemon=True, name="stop-signals").start()
         return self
 
+    def _watch(self, read: int):
+        while data := os.read(read, 1):
+            if self._at_once is not None:
+                self._leave(data[0])
+        os.close(read)
+
+    def _leave(self, signum: int):
+        os.write(sys.stderr.fileno(), f"{signal.Signals(signum).name} received while {self._at_once}: stopping; "
+                                      f"nothing new to save: run the same command to resume\n".encode())
+        os._exit(EXIT_INTERRUPTED)
+
+    @contextlib.contextmanager
+    def at_once(self, what: str):
+        self._at_once = what
+        try:
+            yield
+        finally:
+            self._at_once = None
+
     def _handle(self, signum, frame):
+        if self._at_once is not None:
+            self._leave(signum)
         if self.signum:
             os._exit(128 + signum)
         self.signum = signum
@@ -63,6 +100,8 @@ class StopSignals:
                                           f"checkpoint (send again to exit now)\n".encode())
 
     def __exit__(self, *exc):
+        signal.set_wakeup_fd(self._old_fd)
+        os.close(self._write)  # ends the reading thread
         for s, old in self._old.items():
             signal.signal(s, old)
 
@@ -90,21 +129,23 @@ def estimate_loss(dp: parallel.DataParallel, model, dataloader, eval_iters: int)
 
 
 def train(model: GPT, dataloader: DataLoader, tconf: TrainConfig, *, opt_state: AdamState | None = None,
-          start_step: int = 0, goodput: Goodput | None = None) -> GPT:
+          start_step: int = 0, goodput: Goodput | None = None, signals: StopSignals | None = None) -> GPT:
     """Train `model` from update `start_step` to `tconf.max_iters`; returns the trained model.
 
     Batch `step` of `dataloader` feeds update `step`, so a run resumed from a checkpoint at
     step s replays exactly what an uninterrupted run would have done after s. `goodput`
-    (default: one that counts from this process's start) splits the wall time by phase.
+    (default: one that counts from this process's start) splits the wall time by phase;
+    `signals`: the command's own, entered before start-up (default: entered here).
     """
     mesh = parallel.make_layout(tconf.batch_size, tconf.grad_accum, tconf.devices)
     dp = parallel.DataParallel(mesh, hp=tconf.optim, seed=tconf.seed, grad_accum=tconf.grad_accum,
                                dtype=jnp.dtype(tconf.dtype))
     state = dp.place(model, opt_state)
-    loop = _Loop(tconf, dp, dataloader, _reporter(tconf, model, mesh, start_step), goodput or Goodput())
+    loop = _Loop(tconf, dp, dataloader, _reporter(tconf, model, mesh, start_step), goodput or Goodput(),
+                 runstate.run_facts(dataloader.corpus.fingerprint, mesh))
     agreed_stop = None  # the previous step's metrics["stop"]: the stop agreed by every process
     batch = dp.batch(*dataloader.batch(start_step)) if start_step < tconf.max_iters else None
-    with StopSignals() as signals, loop:
+    with (contextlib.nullcontext(signals) if signals else StopSignals()) as signals, loop:
         for step in range(start_step + 1, tconf.max_iters + 1):
             with loop.goodput.timing("steps"):
                 loop.watchdog.phase(Phase.STEP, f"step {step}")
@@ -156,8 +197,9 @@ class _Loop:
     the time; each names its phase to the watchdog and has its fault point."""
 
     def __init__(self, tconf: TrainConfig, dp: parallel.DataParallel, dataloader: DataLoader, reporter: Reporter,
-                 goodput: Goodput):
-        self.tconf, self.dp, self.dataloader, self.reporter, self.goodput = tconf, dp, dataloader, reporter, goodput
+                 goodput: Goodput, facts: dict):
+        self.tconf, self.dp, self.dataloader, self.reporter = tconf, dp, dataloader, reporter
+        self.goodput, self.facts = goodput, facts
         self.nonfinite = NonFiniteCounter(tconf.max_nonfinite)
         self.watchdog = Watchdog(tconf.process.step_timeout)
         self.writer = checkpoint.Writer()
@@ -192,7 +234,8 @@ class _Loop:
         with self.reporter.paused(), self.goodput.timing("checkpoint"):
             self.watchdog.phase(Phase.WORK, f"writing checkpoint {step}")
             self.reporter.flush()
-            runstate.save_checkpoint(self.tconf, step, state, self.dataloader.corpus.tokenizer, self.writer)
+            runstate.save_checkpoint(self.tconf, step, state, self.dataloader.corpus.tokenizer, self.writer,
+                                     self.facts)
             if final:
                 self.writer.wait()
                 self.watchdog.phase(Phase.WAIT, f"waiting at the barrier after checkpoint {step}")
@@ -208,37 +251,62 @@ class _Loop:
 
 
 def main(argv=None) -> int:
-    keep_freed_memory()  # before JAX starts its CPU threads
-    return run_cli(_main, argv, leave=_leave)
+    with StopSignals() as signals:  # first: a stop request during start-up is kept (see StopSignals)
+        keep_freed_memory()  # before JAX starts its CPU threads
+        code = run_cli(functools.partial(_main, signals=signals), argv, leave=_leave)
+    # Registered last, this runs before JAX's exit cleanup: a signal during that cleanup
+    # ends the process with the code already decided, not with a traceback.
+    atexit.register(_exit_quietly_on_signals, code)
+    return code
 
 
-def _main(argv: list[str]) -> int:
+def _exit_quietly_on_signals(code: int):
+    for s in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(s, lambda *_: os._exit(code))
+
+
+def _main(argv: list[str], signals: StopSignals) -> int:
     goodput = Goodput()  # counts from the process's start
     preset, overrides = parse_overrides(argv)
-    group = runtime.start_processes(process_config(overrides))  # before any other JAX call
+    process = process_config(overrides)
+    with signals.at_once("joining the process group"):
+        fault_point("start_join")
+        group = runtime.start_processes(process)  # before any other JAX call
     if group:
         print0(f"{jax.process_count()} processes ({group})")
     tconf = make_config(preset or default_preset(jax.default_backend()), overrides)
     runtime.use_compilation_cache(tconf.compilation_cache)
     if tconf.hf_dir is not None:
         hf.check_dir(tconf.hf_dir)
+    fault_point("start_data")
     corpus = load_corpus(tconf.dataset, tconf.tokenizer)
     if tconf.hf_dir is not None:  # the model's shape is the checkpoint's
-        tconf = TrainConfig.from_flat(hf.adopt(tconf.to_flat(), tconf.hf_dir, corpus.tokenizer.vocab_size))
+        tconf = TrainConfig.from_flat(hf.adopt(tconf.to_flat(), tconf.hf_dir, corpus.tokenizer))
     # The mesh, once here: a bad device layout fails before out_dir is touched.
     mesh = parallel.make_layout(tconf.batch_size, tconf.grad_accum, tconf.devices)
-    settings = {k: v for k, v in tconf.to_flat().items() if k != "process_id"}
+    # What must agree: not the spelling of paths (process 0's out_dir is the one used; the
+    # data is compared by content), nor the process's own id.
+    settings = {k: v for k, v in tconf.to_flat().items() if k not in ("process_id", "out_dir", "dataset")}
     runtime.check_agreement({**settings, "dataset fingerprint": corpus.fingerprint,
                              "devices per process": len(mesh.local_devices)})
     dataloader = DataLoader(corpus, tconf.model.block_size, tconf.batch_size, tconf.seed,
                             jax.process_index(), jax.process_count())
     runtime.on_process_0(runstate.check_writable, tconf.out_dir)
-    model, opt_state, start = runstate.init_or_resume(tconf, corpus.tokenizer, mesh.devices.flat[0].platform)
+    model, opt_state, start = runstate.init_or_resume(tconf, corpus.tokenizer, mesh.devices.flat[0].platform,
+                                                      runstate.run_facts(corpus.fingerprint, mesh))
+    fault_point("start_resumed")
     runtime.check_agreement({"start step": start})
+    stop = runtime.max_over_processes(signals.signum)  # a signal during start-up, on any process
+    if stop:
+        print0(f"stopped by {signal.Signals(stop).name} during start-up; nothing new to save (the newest checkpoint "
+               f"stands): run the same command to resume")
+        runtime.stop_processes()
+        return EXIT_INTERRUPTED
     print0(f"config: {json.dumps(tconf.to_flat())}")
     print0(f"kernels: attention={model.config.attention}, layernorm_backward={model.config.layernorm_backward}")
     try:
-        model = train(model, dataloader, tconf, opt_state=opt_state, start_step=start, goodput=goodput)
+        model = train(model, dataloader, tconf, opt_state=opt_state, start_step=start, goodput=goodput,
+                      signals=signals)
     except Interrupted as e:
         print0(str(e))
         runtime.stop_processes()

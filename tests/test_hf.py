@@ -18,6 +18,7 @@ from parallel_gpt import checkpoint, hf
 from parallel_gpt.config import TrainConfig
 from parallel_gpt.errors import HFError
 from parallel_gpt.model import GPT, cross_entropy
+from parallel_gpt.tokenizers import CharTokenizer
 
 FIXTURE = Path(__file__).resolve().parent / "fixtures" / "gpt2_tiny"
 
@@ -120,7 +121,7 @@ def text_of_101_characters(tmp_path_factory):
 def test_what_the_model_cannot_represent_is_refused_naming_the_field(tmp_path, field, value, message):
     model = fixture_variant(tmp_path, config_change={field: value})
     with pytest.raises(HFError) as refused:
-        hf.adopt(TrainConfig().to_flat(), str(model), vocab_tokens=101)
+        hf.adopt(TrainConfig().to_flat(), str(model), CharTokenizer("".join(map(chr, range(33, 134)))))
     assert message in str(refused.value)
 
 

@@ -249,3 +249,13 @@ def test_two_processes_fine_tune_a_hugging_face_model_as_one(tmp_path, cache_dir
     two = launched(f"--out_dir={tmp_path / 'two'}", *args)
     assert two.returncode == 0 and "[p0] starting from the Hugging Face checkpoint" in two.stdout, two.stderr
     assert_same_run(tmp_path / "two", tmp_path / "one")
+
+
+def test_a_signal_on_one_process_during_start_up_ends_every_process_with_75(tmp_path):
+    # Process 1's own out_dir is not a mismatch: process 0's is the run's.
+    procs = start_group(tmp_path / "logs", lambda i: [f"--out_dir={tmp_path / ('out' if i == 0 else 'elsewhere')}"],
+                        fault="p1/start_resumed:SIGTERM")
+    results = finish(procs, tmp_path / "logs")
+    assert [code for code, *_ in results] == [errors.EXIT_INTERRUPTED] * 2, results
+    assert "stopped by SIGTERM during start-up" in results[0][2]
+    assert not any("Traceback" in err for *_, err in results) and not (tmp_path / "elsewhere").exists()

@@ -3,6 +3,7 @@
 Faults are injected at exact places through PARALLEL_GPT_FAULT (see faults.fault_point),
 so no test sleeps and hopes."""
 
+import hashlib
 import json
 import os
 import re
@@ -235,3 +236,44 @@ def test_full_disk_fails_cleanly_and_keeps_earlier_checkpoints(tmp_path, referen
     assert len(err) == 1 and err[0].startswith("error: cannot write checkpoint") and "untouched" in err[0]
     assert {p.name: snapshot(p) for p in checkpoint.checkpoint_dirs(tmp_path)} == before
     assert not list((tmp_path / "checkpoints").glob(".tmp*"))
+
+
+@pytest.mark.parametrize("fault, said", [
+    ("start_join:SIGTERM", "SIGTERM received while joining the process group"),  # stderr, at once
+    ("start_data:SIGINT", "stopped by SIGINT during start-up"),  # was a KeyboardInterrupt traceback
+    ("start_resumed:SIGTERM", "stopped by SIGTERM during start-up"),  # "resuming from step 30" just printed
+])
+def test_a_signal_during_start_up_ends_with_75_and_keeps_the_checkpoints(tmp_path, reference, fault, said, snapshot):
+    shutil.copytree(reference, tmp_path, dirs_exist_ok=True)
+    before = snapshot(tmp_path / "checkpoints")
+    result = run_train(tmp_path, "--max_iters=40", fault=fault)
+    assert result.returncode == errors.EXIT_INTERRUPTED, result.stderr
+    assert said in result.stdout + result.stderr and "Traceback" not in result.stderr
+    assert snapshot(tmp_path / "checkpoints") == before
+
+
+def test_the_same_data_under_another_path_resumes_and_other_data_does_not(tmp_path, reference, cache_dir, capsys):
+    # The reference trained on the Shakespeare default; a copy of its prepared tokens is the
+    # same data under another name, and one token changed is other data under the same name.
+    (folder,) = [p for p in cache_dir.iterdir() if p.is_dir() and p.name.startswith("shakespeare")][:1]
+    same = shutil.copytree(folder, tmp_path / "same")
+    shutil.copytree(reference, tmp_path / "run")
+    code = train.main([*RUN, f"--out_dir={tmp_path / 'run'}", f"--dataset={same}", "--max_iters=31"])
+    out = capsys.readouterr().out
+    assert code == 0 and f"dataset 'shakespeare' -> '{same}'" in out, out
+    tokens = bytearray((same / "train.bin").read_bytes())
+    tokens[0] ^= 1
+    (same / "train.bin").write_bytes(bytes(tokens))
+    meta = json.loads((same / "meta.json").read_text())
+    meta["sha256"]["train.bin"] = hashlib.sha256(tokens).hexdigest()
+    (same / "meta.json").write_text(json.dumps(meta))
+    code = train.main([*RUN, f"--out_dir={tmp_path / 'run'}", f"--dataset={same}", "--max_iters=32"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "differs in dataset content" in err[0], err
+
+
+def test_a_device_count_change_is_listed(tmp_path, reference):
+    shutil.copytree(reference, tmp_path, dirs_exist_ok=True)
+    result = run_train(tmp_path, "--max_iters=31", devices=4)
+    assert result.returncode == 0, result.stderr
+    assert "resuming with changed settings: max_iters 30 -> 31, devices 8 -> 4" in result.stdout

@@ -68,3 +68,17 @@ def test_an_unwritable_out_dir_is_refused_before_training(tmp_path):
     (tmp_path / "file").write_text("")
     with pytest.raises(OutputError, match="is not writable"):
         runstate.check_writable(str(tmp_path / "file" / "run"))
+
+
+def test_resume_compares_data_by_content_and_lists_layout_changes_but_not_process_addresses(tmp_path, capsys):
+    tconf, _ = saved_run(tmp_path)
+    meta = {**checkpoint.load_latest(tmp_path)[1],
+            "run": {"dataset_fingerprint": "abc", "devices": 4, "processes": 1}}
+    meta["train"] = {**meta["train"], "coordinator_address": "10.0.0.1:1234", "process_id": 0}
+    moved = make_config("tiny", {**meta["train"], "dataset": "/elsewhere/same.txt", "coordinator_address": "h:2",
+                                 "process_id": None})
+    runstate.check_resume(meta, moved, TOK, {"dataset_fingerprint": "abc", "devices": 8, "processes": 2})
+    assert capsys.readouterr().out.strip() == ("resuming with changed settings: dataset 'shakespeare' -> "
+                                               "'/elsewhere/same.txt', devices 4 -> 8, processes 1 -> 2")
+    with pytest.raises(ConfigError, match="differs in dataset content"):
+        runstate.check_resume(meta, tconf, TOK, {"dataset_fingerprint": "def", "devices": 4, "processes": 1})
