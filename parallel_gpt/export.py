@@ -17,6 +17,7 @@ from pathlib import Path
 
 from parallel_gpt import hf, runstate
 from parallel_gpt.errors import OutputError, run_cli
+from parallel_gpt.files import replace_dir
 
 
 def export_run(out_dir: str, to: str, report=print, overwrite: bool = False) -> str:
@@ -28,21 +29,11 @@ def export_run(out_dir: str, to: str, report=print, overwrite: bool = False) -> 
                           f"to replace them, or choose another --to")
     arrays, meta, config, tokenizer = runstate.read_newest(out_dir, report)
     tmp = target.with_name(f"{target.name}.tmp-{os.getpid()}")
-    old = target.with_name(f"{target.name}.tmp-{os.getpid()}-old")
-    moved = False
     try:
         hf.export(config, arrays, tokenizer, str(tmp), source=str(Path(out_dir).resolve()))
-        if target.is_dir() and not target.is_symlink():
-            os.replace(target, old)
-            moved = True
-        os.replace(tmp, target)  # a file at `to` makes this fail, and nothing was replaced
-    except BaseException:
-        if moved:  # the earlier directory goes back in place
-            os.replace(old, target)
-        raise
+        replace_dir(tmp, target)  # a file at `to` makes this fail, and nothing was replaced
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    shutil.rmtree(old, ignore_errors=True)
     return f"wrote step {meta['step']} of {out_dir} to {to}"
 
 

@@ -5,6 +5,7 @@ Without JAX or NumPy, so that `prepare` (and its worker processes) stay small.""
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 
@@ -21,6 +22,25 @@ def fsync(path: Path):
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def replace_dir(tmp: Path, target: Path):
+    """Move the finished directory `tmp` to `target`, durably: readers see the old `target`
+    or the whole new one. An existing `target` is moved aside first and removed after; if
+    the final rename fails (e.g. `target` is a file), it goes back in place."""
+    old = target.with_name(f"{target.name}.tmp-{os.getpid()}-old")
+    moved = target.is_dir() and not target.is_symlink()
+    if moved:
+        os.replace(target, old)
+    try:
+        os.replace(tmp, target)
+    except BaseException:
+        if moved:
+            os.replace(old, target)
+        raise
+    fsync(target.parent)
+    if moved:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def write_atomic(path: Path, data: bytes):

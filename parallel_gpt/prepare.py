@@ -53,7 +53,7 @@ from pathlib import Path
 
 import numpy as np
 
-from parallel_gpt.files import fsync
+from parallel_gpt.files import fsync, replace_dir
 from parallel_gpt.faults import fault_point
 from parallel_gpt.errors import DataError, run_cli
 from parallel_gpt.readers import check_overlap, documents, input_files
@@ -223,14 +223,7 @@ def prepare(inputs: list[str], out: str, tokenizer: str = "gpt2", workers: int =
         for path in (tmp / "train.bin", tmp / "val.bin", tmp / "meta.json", tmp):  # on disk before the rename
             fsync(path)
         fault_point("prepare_written")
-        if out_dir.exists():
-            old = out_dir.with_name(f"{out_dir.name}.tmp-{os.getpid()}-old")
-            os.replace(out_dir, old)
-            os.replace(tmp, out_dir)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, out_dir)
-        fsync(out_dir.parent)
+        replace_dir(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

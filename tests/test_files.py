@@ -35,3 +35,27 @@ def test_fsync_takes_files_and_directories(tmp_path):
     files.fsync(tmp_path)
     with pytest.raises(FileNotFoundError):
         files.fsync(tmp_path / "missing")
+
+
+def test_replace_dir_swaps_a_whole_directory_and_puts_the_old_one_back_on_failure(tmp_path, monkeypatch):
+    target, new = tmp_path / "out", tmp_path / "out.tmp-1"
+    target.mkdir()
+    (target / "old.bin").write_bytes(b"old")
+    new.mkdir()
+    (new / "new.bin").write_bytes(b"new")
+    files.replace_dir(new, target)
+    assert [p.name for p in target.iterdir()] == ["new.bin"] and sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+    again = tmp_path / "out.tmp-2"
+    again.mkdir()
+    real_replace = os.replace
+
+    def fail_second(src, dst):
+        if str(src) == str(again):
+            raise OSError(28, "No space left on device")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", fail_second)
+    with pytest.raises(OSError):
+        files.replace_dir(again, target)
+    assert [p.name for p in target.iterdir()] == ["new.bin"]  # the earlier directory is back in place

@@ -84,7 +84,9 @@ def finish(procs, logs: Path, timeout=BOUND_S + 120):
 
 
 def rows(out_dir):
-    return [json.loads(line) for line in (Path(out_dir) / "metrics.jsonl").read_text().splitlines()]
+    """The step rows of metrics.jsonl (not the goodput row each process's run ends with)."""
+    rows = [json.loads(line) for line in (Path(out_dir) / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in rows if "goodput" not in r]
 
 
 def newest_arrays(out_dir):

@@ -35,7 +35,7 @@ def run_train(out_dir, *extra, fault=None, devices=8):
 
 def loss_rows(out_dir):
     rows = [json.loads(line) for line in (Path(out_dir) / "metrics.jsonl").read_text().splitlines()]
-    return [(r["step"], {k: r[k] for k in LOSS_KEYS if k in r}) for r in rows]
+    return [(r["step"], {k: r[k] for k in LOSS_KEYS if k in r}) for r in rows if "goodput" not in r]
 
 
 def final_arrays(out_dir):
