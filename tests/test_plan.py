@@ -151,4 +151,3 @@ def test_tpu_slices_compile_gpt2_tiny_shapes(name, devices, hosts):
     assert (r["devices"], r["hosts"], r["fits"]) == (devices, hosts, True)
     assert step["params"] == 4 * r["parameters"] and step["optimizer"] == 8 * r["parameters"] + 4
     assert step["arguments"] == pytest.approx(step["params"] + step["optimizer"] + step["batch"], rel=0.01)
-    assert step["flops"] == pytest.approx(step["formula_flops"], rel=0.1)
