@@ -255,7 +255,7 @@ def test_a_signal_during_start_up_ends_with_75_and_keeps_the_checkpoints(tmp_pat
 def test_the_same_data_under_another_path_resumes_and_other_data_does_not(tmp_path, reference, cache_dir, capsys):
     # The reference trained on the Shakespeare default; a copy of its prepared tokens is the
     # same data under another name, and one token changed is other data under the same name.
-    (folder,) = [p for p in cache_dir.iterdir() if p.is_dir() and p.name.startswith("shakespeare")][:1]
+    folder = cache_dir / "shakespeare"  # the char-level corpus the reference trained on (not shakespeare-gpt2)
     same = shutil.copytree(folder, tmp_path / "same")
     shutil.copytree(reference, tmp_path / "run")
     code = train.main([*RUN, f"--out_dir={tmp_path / 'run'}", f"--dataset={same}", "--max_iters=31"])
