@@ -159,3 +159,12 @@ def test_prepare_benchmark_reports_throughput_memory_and_batch_time():
     for name, figures in rows.items():  # MB/s, Mtokens/s, peak RSS (MiB) and, with workers, a worker's
         assert len(figures) == (4 if "workers" in name else 3) and all(positive_finite(float(f)) for f in figures)
     assert "host time to build a batch of 8 x 1024 from the memory map" in proc.stdout.splitlines()[5]
+
+
+def test_goodput_benchmark_times_both_kinds_of_checkpoint(bench_modules, tmp_path):
+    import goodput
+
+    figures = goodput.blocked("cpu", 2, tmp_path)
+    assert figures["state_bytes"] == 12 * figures["params"]
+    assert all(positive_finite(figures[k]) for k in ("foreground_s", "background_s", "background_over_foreground"))
+    assert [p.name for p in (tmp_path / "ckpt_cpu" / "checkpoints").iterdir()] == ["step_00000004"]  # keep=1
