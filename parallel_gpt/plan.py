@@ -287,12 +287,14 @@ def _main(argv: list[str]) -> int:
     # plan runs nothing, so it leaves this machine's accelerators alone (a TPU VM's may be
     # training); compile-only TPU devices come from libtpu all the same.
     jax.config.update("jax_platforms", "cpu")
-    runtime.use_compilation_cache(own.get("compilation_cache", "auto"))
     if name.startswith("cpu:") and name[4:].isdigit():
         with contextlib.suppress(RuntimeError):  # CPU devices already made (tests): `target` checks the count
             jax.config.update("jax_num_cpu_devices", int(name[4:]))
     preset, overrides = parse_overrides(rest)
     t = target(name, own.get("memory_limit"))
+    # A program compiled for compile-only TPU devices cannot be loaded back from the cache
+    # (JAX: "PjRtCompiler must be constructed with a Client"), so only cpu:N plans use it.
+    runtime.use_compilation_cache(own.get("compilation_cache", "auto") if t.platform == "cpu" else "off")
     tconf = make_config(preset or default_preset(t.platform), overrides)
     report = plan(tconf, t, vocab_size_for(tconf, own.get("vocab_size")), own.get("max_batch"))
     print(json.dumps(report, indent=1) if own.get("json") else format_report(report))
