@@ -83,9 +83,27 @@ def test_a_seed_gives_one_sample_whatever_the_calls_and_past_the_window(kv_block
     assert generate(MODEL, TOK, PROMPTS, **{**kw, "seed": 8}) != first
 
 
+class IdsSeen:
+    """TOK, except that decode records the ids it is given (any id, without raising) and returns a dot per id."""
+
+    def __init__(self):
+        self.ids = []
+
+    def __getattr__(self, name):
+        return getattr(TOK, name)
+
+    def decode(self, ids):
+        self.ids.extend(int(i) for i in ids)
+        return "." * len(ids)
+
+
 def test_padding_ids_are_never_sampled():
-    text = generate(MODEL, TOK, "a", max_new_tokens=200, temperature=2.0, seed=0)
-    assert set(text) <= set(TOK.chars)
+    # Ids 29..63 pad the vocabulary to 64; at temperature 2 the flattened distribution would draw them if their
+    # logits were finite. 200 tokens after a 1-token prompt slide the 24-position window 15 times.
+    tok = IdsSeen()
+    generate(MODEL, tok, "a", max_new_tokens=200, temperature=2.0, seed=0)
+    assert len(tok.ids) == 1 + 200
+    assert max(tok.ids) < TOK.vocab_size < CFG.vocab_size
 
 
 @pytest.mark.parametrize("kw, message", [
