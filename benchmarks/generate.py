@@ -1,7 +1,8 @@
 """Generation speed: KV-cache decoding against the recompute path, against transformers, and
 against the memory floor.
 
-    python benchmarks/generate.py [--rounds 2] [--cases char1 char8 gpt2_1 gpt2_8] [--commands]
+    python benchmarks/generate.py [--rounds 2] [--cases char1 char8 gpt2_1 gpt2_8] [--dtype bfloat16]
+                                  [--commands gpt2_1 gpt2_8]
 
 Each case is a model shape (random weights, float32), a batch, a prompt length and a number
 of new tokens, continued greedily by `generate.decode` after `generate.prefill`, in
@@ -9,17 +10,20 @@ alternating rounds in one process with the path without a cache (`decode_recompu
 whole window per token, fewer tokens) and, at the GPT-2 shape with transformers installed
 (the bench extra), with `GPT2LMHeadModel.generate(do_sample=False, use_cache=True)` on the
 same weights (exported with `hf.export`). tokens/s is new tokens x batch / seconds, prefill
-included, the median over rounds.
+included, the median over rounds. `--dtype bfloat16` casts the weights (and so the cache) as
+`evaluate --dtype bfloat16` does and times the cached path alone: the other two compute in
+float32.
 
 Roofline: a decode step must read every weight once (the position table aside: one row)
 and each row's cached keys and values up to its position, 2 x layers x (position + 1) x
-n_embd floats; the floor is those bytes, averaged over the run's steps, over the host
-memory bandwidth, measured in the same run as (bytes read + bytes written) / seconds of
-a 256 MiB array copy. A step's time is the decoding alone (prefill apart) / new tokens.
+n_embd numbers (4 bytes each, 2 in bfloat16); the floor is those bytes, averaged over the
+run's steps, over the host memory bandwidth, measured in the same run as (bytes read +
+bytes written) / seconds of a 256 MiB array copy. A step's time is the decoding alone (prefill apart) / new tokens.
 
-`--commands` also times whole commands, alternating: `python -m parallel_gpt.evaluate
+`--commands gpt2_1 gpt2_8` times whole commands, alternating: `python -m parallel_gpt.evaluate
 --init_from=DIR --top_k 1` against a script that loads DIR with transformers and calls
-generate(), at the two GPT-2 cases (batch 8 as --num_samples 8).
+generate(), at those GPT-2 cases (batch 8 as --num_samples 8; `--cases` with no names skips
+the in-process cases).
 """
 
 from __future__ import annotations
@@ -71,9 +75,10 @@ def bandwidth() -> float:
 def step_bytes(model: GPT, batch: int, prompt: int, new: int) -> float:
     """Bytes a decode step must read, averaged over the `new` steps after a `prompt`-token prefill."""
     c = model.config
-    weights = 4 * (model.num_params(non_embedding=True) + c.n_embd)  # every weight; one row of wpe
+    size = model.wte.weight.dtype.itemsize  # the cache has the weights' dtype
+    weights = size * (model.num_params(non_embedding=True) + c.n_embd)  # every weight; one row of wpe
     mean_position = prompt + (new - 1) / 2
-    return weights + 4 * 2 * c.n_layer * batch * (mean_position + 1) * c.n_embd
+    return weights + size * 2 * c.n_layer * batch * (mean_position + 1) * c.n_embd
 
 
 def timed(fn) -> float:
@@ -82,10 +87,12 @@ def timed(fn) -> float:
     return time.perf_counter() - t
 
 
-def measure(case: str, rounds: int, with_transformers: bool, bw: float):
+def measure(case: str, rounds: int, with_transformers: bool, bw: float, dtype=jnp.float32):
     name, batch, P, n_cached, n_recompute = CASES[case]
-    config = SHAPES[name].for_platform(jax.default_backend())
-    model = GPT.create(config, key=jax.random.key(0))
+    config = SHAPES[name].for_platform(jax.default_backend(), dtype)
+    model = jax.tree.map(lambda a: a.astype(dtype), GPT.create(config, key=jax.random.key(0)))
+    if dtype != jnp.float32:  # the recompute path and transformers compute in float32: not the same work
+        n_recompute, with_transformers = 0, False
     T = config.block_size
     prompts = np.random.default_rng(0).integers(0, config.vocab_tokens, (batch, P)).astype(np.int32)
     window = jnp.asarray(np.pad(prompts, ((0, 0), (0, T - P))))
@@ -125,7 +132,8 @@ def measure(case: str, rounds: int, with_transformers: bool, bw: float):
         parts.append(f"cache / recompute {rate['cache'] / rate['recompute']:.1f}x")
     if "transformers" in rate:
         parts.append(f"ours / transformers {rate['cache'] / rate['transformers']:.2f}x")
-    print(f"{case} ({name}, batch {batch}, prompt {P}, {n_cached} new): {'; '.join(parts)}; prefill "
+    print(f"{case} ({name}, {jnp.dtype(dtype).name}, batch {batch}, prompt {P}, {n_cached} new): "
+          f"{'; '.join(parts)}; prefill "
           f"{statistics.median(prefill_s[-rounds:]):.2f} s; decode step {step * 1e3:.1f} ms, floor "
           f"{floor * 1e3:.1f} ms ({step_bytes(model, batch, P, n_cached) / 1e6:.0f} MB), step / floor "
           f"{step / floor:.2f}x", flush=True)
@@ -161,15 +169,15 @@ HF_SCRIPT = textwrap.dedent("""
 """)
 
 
-def commands(rounds: int):
+def commands(rounds: int, cases: list[str]):
     """Whole commands, alternating: evaluate against a transformers script, on one exported directory."""
     config = SHAPES["gpt2"].for_platform(jax.default_backend())
     model = GPT.create(config, key=jax.random.key(0))
     tokenizer = GPT2Tokenizer()
     with tempfile.TemporaryDirectory() as tmp:
         hf.export(config, checkpoint.flatten(model, "model"), tokenizer, tmp)
-        for prompt, samples in (("Hello, world", 1), ("the" + " the" * 511, 8)):
-            n = 200
+        for case in cases:
+            prompt, samples, n = {"gpt2_1": ("Hello, world", 1, 200), "gpt2_8": ("the" + " the" * 511, 8, 200)}[case]
             assert len(tokenizer.encode(prompt)) in (3, 512)
             ours = [sys.executable, "-m", "parallel_gpt.evaluate", f"--init_from={tmp}", "--prompt", prompt,
                     "--max_new_tokens", str(n), "--top_k", "1", "--num_samples", str(samples)]
@@ -190,7 +198,9 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--cases", nargs="*", default=list(CASES), choices=list(CASES))
-    ap.add_argument("--commands", action="store_true", help="also time whole evaluate commands")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--commands", nargs="*", default=[], choices=["gpt2_1", "gpt2_8"],
+                    help="also time whole evaluate commands at these cases")
     args = ap.parse_args()
     try:
         import transformers  # noqa: F401
@@ -201,9 +211,9 @@ def main():
     print(f"{jax.devices()[0].platform}; medians of {args.rounds} alternating rounds; greedy; memory bandwidth "
           f"(256 MiB copy, read + written) {bw / 1e9:.1f} GB/s", flush=True)
     for case in args.cases:
-        measure(case, args.rounds, have_transformers and CASES[case][0] == "gpt2", bw)
+        measure(case, args.rounds, have_transformers and CASES[case][0] == "gpt2", bw, jnp.dtype(args.dtype))
     if args.commands and have_transformers:
-        commands(args.rounds)
+        commands(args.rounds, args.commands)
 
 
 if __name__ == "__main__":

@@ -16,24 +16,27 @@ from parallel_gpt.generate import generate
 from parallel_gpt.model import GPT
 
 MAX_TOKENS = 2**28
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
-def load_model(out_dir: str, report=print) -> tuple[GPT, object, dict]:
-    """The model (kernels chosen for JAX's default backend), tokenizer and metadata of the
-    newest valid checkpoint in `out_dir`; CheckpointError (one line) when there is none
-    this version can read."""
+def load_model(out_dir: str, report=print, dtype=jnp.float32) -> tuple[GPT, object, dict]:
+    """The model (weights cast to `dtype`, kernels chosen for JAX's default backend and that
+    dtype), tokenizer and metadata of the newest valid checkpoint in `out_dir`;
+    CheckpointError (one line) when there is none this version can read."""
     arrays, meta, config, tokenizer = runstate.read_newest(out_dir, report)
-    config = config.for_platform(jax.default_backend())
+    config = config.for_platform(jax.default_backend(), dtype)
     model = checkpoint.unflatten(GPT.shapes(config), "model", arrays)
-    return jax.tree.map(jnp.asarray, model), tokenizer, meta
+    return jax.tree.map(lambda a: jnp.asarray(a, dtype), model), tokenizer, meta
 
 
-def load_hf_model(path: str) -> tuple[GPT, object]:
-    """The model (kernels chosen for JAX's default backend) and tokenizer of a Hugging Face
-    GPT-2 directory; HFError (one line) for one this version cannot load."""
+def load_hf_model(path: str, dtype=jnp.float32) -> tuple[GPT, object]:
+    """The model (weights cast to `dtype`, kernels chosen for JAX's default backend and that
+    dtype) and tokenizer of a Hugging Face GPT-2 directory; HFError (one line) for one this
+    version cannot load."""
     hf.check_dir(path, "--init_from")
-    config = hf.model_config(path).for_platform(jax.default_backend())
-    return jax.tree.map(jnp.asarray, hf.load_model(path, config, GPT.shapes(config))), hf.tokenizer(path)
+    config = hf.model_config(path).for_platform(jax.default_backend(), dtype)
+    model = hf.load_model(path, config, GPT.shapes(config))
+    return jax.tree.map(lambda a: jnp.asarray(a, dtype), model), hf.tokenizer(path)
 
 
 def main(argv=None) -> int:
@@ -52,6 +55,9 @@ def _main(argv: list[str]) -> int:
     ap.add_argument("--top_k", type=int, default=None)
     ap.add_argument("--top_p", type=float, default=1.0, help="nucleus: sample from the ids holding this much mass")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--dtype", default="float32",
+                    help="float32, or bfloat16: weights (kept float32 in checkpoints), cache and activations cast "
+                         "once at load; half the bytes a decode step reads, for accelerators (README, Sampling)")
     ap.add_argument("--compilation_cache", default="auto",
                     help="JAX's persistent compilation cache: auto (~/.cache/parallel_gpt/xla), off, or a directory")
     args = ap.parse_args(argv)
@@ -66,10 +72,13 @@ def _main(argv: list[str]) -> int:
         raise ConfigError("--temperature and --top_p must be finite numbers")
     if not 0 <= args.seed < 2**31:
         raise ConfigError(f"--seed={args.seed} must be in [0, 2**31)")
+    if args.dtype not in DTYPES:
+        raise ConfigError(f"--dtype={args.dtype}: use one of {', '.join(DTYPES)}")
+    dtype = DTYPES[args.dtype]
     if args.init_from:
-        model, tokenizer = load_hf_model(args.init_from)
+        model, tokenizer = load_hf_model(args.init_from, dtype)
     else:
-        model, tokenizer, _ = load_model(args.out_dir, report=lambda m: print(m, file=sys.stderr))
+        model, tokenizer, _ = load_model(args.out_dir, report=lambda m: print(m, file=sys.stderr), dtype=dtype)
     shown = []  # a single sample is printed as it is produced, after the inputs were checked
 
     def show(new):

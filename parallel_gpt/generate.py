@@ -9,7 +9,8 @@ positions. `decode` then samples `n` tokens in a `lax.fori_loop`, each step comp
 position per row: it writes that position's key and value into the layer's array in place
 (a scatter on a loop-carried buffer; no copy of the cache) and attends over the filled
 blocks only, `max(position) // kv_block + 1` of them, with an online softmax. A step thus
-reads every weight once plus the cache up to the furthest row, as it must.
+reads every weight once plus the cache up to the furthest row, as it must. The cache has the
+weights' dtype (bfloat16 weights: half the bytes), the softmax's sums are float32.
 
 At block_size. When a row's next position would be block_size, every row is prefilled
 again from the last half window of its tokens (block_size // 2) and decoding goes on:
@@ -42,12 +43,13 @@ def _pow2(n: int) -> int:
 
 
 def empty_cache(model: GPT, batch: int, kv_block: int = KV_BLOCK):
-    """(keys, values): a tuple of (B, nh, T, hs) zeros per layer each, T = block_size rounded up to
-    whole blocks of min(kv_block, block_size)."""
+    """(keys, values): a tuple of (B, nh, T, hs) zeros per layer each, in the weights' dtype, T =
+    block_size rounded up to whole blocks of min(kv_block, block_size)."""
     c = model.config
     block = min(kv_block, c.block_size)
     shape = (batch, c.n_head, -(-c.block_size // block) * block, c.n_embd // c.n_head)
-    return tuple(tuple(jnp.zeros(shape, jnp.float32) for _ in range(c.n_layer)) for _ in range(2))
+    dtype = model.wte.weight.dtype
+    return tuple(tuple(jnp.zeros(shape, dtype) for _ in range(c.n_layer)) for _ in range(2))
 
 
 def prefill(model: GPT, window, lengths, kv_block: int = KV_BLOCK):
@@ -77,7 +79,7 @@ def _prefill(model: GPT, window, lengths, *, kv_block):
 def _attend_blocks(q, k_cache, v_cache, positions, kv_block: int):
     """Attention (B, nh, hs) of one query per row q (B, nh, hs) to cache positions 0 ..
     positions[b], reading blocks of kv_block positions up to the furthest row's, with an
-    online softmax (running max, normaliser and weighted sum per head)."""
+    online softmax (running max, normaliser and weighted sum per head, all float32)."""
     B, nh, hs = q.shape
     q = q * hs**-0.5
 
@@ -85,16 +87,17 @@ def _attend_blocks(q, k_cache, v_cache, positions, kv_block: int):
         m, norm, acc = carry  # (B, nh), (B, nh), (B, nh, hs)
         k = lax.dynamic_slice_in_dim(k_cache, j * kv_block, kv_block, axis=2)  # (B, nh, kv_block, hs)
         v = lax.dynamic_slice_in_dim(v_cache, j * kv_block, kv_block, axis=2)
-        s = jnp.einsum("bhd,bhkd->bhk", q, k.astype(q.dtype)).astype(jnp.float32)  # (B, nh, kv_block)
+        s = jnp.einsum("bhd,bhkd->bhk", q, k, preferred_element_type=jnp.float32)  # (B, nh, kv_block)
         visible = j * kv_block + jnp.arange(kv_block)[None, None, :] <= positions[:, None, None]  # (B, 1, kv_block)
         s = jnp.where(visible, s, -jnp.inf)
         m_new = jnp.maximum(m, s.max(-1))  # finite: block 0 holds position 0 of every row
         p = jnp.exp(s - m_new[..., None])
         scale = jnp.exp(m - m_new)
-        acc = acc * scale[..., None] + jnp.einsum("bhk,bhkd->bhd", p.astype(q.dtype), v.astype(q.dtype))
+        acc = acc * scale[..., None] + jnp.einsum("bhk,bhkd->bhd", p.astype(v.dtype), v,
+                                                  preferred_element_type=jnp.float32)
         return m_new, norm * scale + p.sum(-1), acc
 
-    init = (jnp.full((B, nh), -jnp.inf), jnp.zeros((B, nh)), jnp.zeros((B, nh, hs), q.dtype))
+    init = (jnp.full((B, nh), -jnp.inf), jnp.zeros((B, nh)), jnp.zeros((B, nh, hs)))
     _, norm, acc = lax.fori_loop(0, jnp.max(positions) // kv_block + 1, block, init)
     return (acc / norm[..., None]).astype(q.dtype)
 

@@ -218,6 +218,7 @@ def test_evaluate_and_export_refuse_a_damaged_run(tmp_path, damage, message, cap
     (["--top_p", "inf"], "--temperature and --top_p must be finite"),
     (["--max_new_tokens", "3000000000"], "sample less in one call"),
     (["--seed", "99999999999999999999"], "--seed=99999999999999999999 must be in"),
+    (["--dtype", "float16"], "--dtype=float16: use one of float32, bfloat16"),
 ])
 def test_evaluate_refuses_bad_values(tmp_path, args, message, capsys):
     saved_run(tmp_path / "run")
