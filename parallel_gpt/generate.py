@@ -33,7 +33,7 @@ import numpy as np
 from jax import lax
 
 from parallel_gpt.model import GPT
-from parallel_gpt.tokenizers import DataError
+from parallel_gpt.errors import ConfigError, DataError
 
 KV_BLOCK = 128  # cache positions attended per inner step: at most 127 read past the furthest row
 
@@ -185,11 +185,11 @@ def generate(model: GPT, tokenizer, prompts, max_new_tokens: int = 500, temperat
     if not prompts or any(not p for p in prompts):
         raise DataError("a prompt is empty: pass at least one character, e.g. --prompt 'ROMEO:'")
     if temperature < 0:
-        raise DataError(f"temperature={temperature} must be >= 0 (0: greedy)")
+        raise ConfigError(f"temperature={temperature} must be >= 0 (0: greedy)")
     if top_k is not None and not 1 <= top_k <= tokenizer.vocab_size:
-        raise DataError(f"top_k={top_k} must be between 1 and the vocabulary size {tokenizer.vocab_size}")
+        raise ConfigError(f"top_k={top_k} must be between 1 and the vocabulary size {tokenizer.vocab_size}")
     if not 0 < top_p <= 1:
-        raise DataError(f"top_p={top_p} must be in (0, 1]")
+        raise ConfigError(f"top_p={top_p} must be in (0, 1]")
     T = model.config.block_size
     encoded = [np.asarray(tokenizer.encode(p), np.int32) for p in prompts]
     counts = np.array([len(e) for e in encoded], np.int32)

@@ -8,7 +8,8 @@ import pytest
 from parallel_gpt.generate import (_prefill, decode, decode_recompute, decode_step, empty_cache, generate, prefill,
                                    sampling_mode)
 from parallel_gpt.model import GPT, GPTConfig
-from parallel_gpt.tokenizers import CharTokenizer, DataError
+from parallel_gpt.errors import ConfigError, DataError
+from parallel_gpt.tokenizers import CharTokenizer
 
 TOK = CharTokenizer.from_text("abcdefghijklmnopqrstuvwxyz .\n")
 CFG = GPTConfig(block_size=24, vocab_size=64, vocab_tokens=TOK.vocab_size, n_layer=2, n_head=2, n_embd=32,
@@ -124,16 +125,16 @@ def test_padding_ids_are_never_sampled():
     assert max(tok.ids) < TOK.vocab_size < CFG.vocab_size
 
 
-@pytest.mark.parametrize("kw, message", [
-    (dict(prompts=""), "a prompt is empty"),
-    (dict(temperature=-1.0), "temperature=-1.0 must be >= 0"),
-    (dict(top_k=0), "top_k=0 must be between 1"),
-    (dict(top_p=0.0), "top_p=0.0 must be in"),
-    (dict(prompts="A"), "not in the vocabulary"),
+@pytest.mark.parametrize("kw, error, message", [
+    (dict(prompts=""), DataError, "a prompt is empty"),
+    (dict(temperature=-1.0), ConfigError, "temperature=-1.0 must be >= 0"),
+    (dict(top_k=0), ConfigError, "top_k=0 must be between 1"),
+    (dict(top_p=0.0), ConfigError, "top_p=0.0 must be in"),
+    (dict(prompts="A"), DataError, "not in the vocabulary"),
 ])
-def test_bad_sampling_input_is_a_clear_error(kw, message):
+def test_bad_sampling_input_is_a_clear_error(kw, error, message):
     args = {"prompts": "a", **kw}
-    with pytest.raises(DataError, match=message):
+    with pytest.raises(error, match=message):
         generate(MODEL, TOK, args.pop("prompts"), 5, **args)
 
 
