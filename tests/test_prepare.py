@@ -129,13 +129,18 @@ def _bad_inputs(tmp_path):
     ]
 
 
-def test_bad_input_is_one_line_and_exit_code_2(tmp_path):
-    for args, message in _bad_inputs(tmp_path):
+def assert_refused(tmp_path, cases):
+    """Each (args, message): prepare exits 2 with that one line and leaves no output."""
+    for args, message in cases:
         out = tmp_path / "out"
         result = run(*args, "--out", out)
         assert result.returncode == 2, (args, result.stderr)
         assert result.stderr.count("\n") == 1 and message in result.stderr, result.stderr
         assert not out.exists() and not list(tmp_path.glob("out.tmp-*"))
+
+
+def test_bad_input_is_one_line_and_exit_code_2(tmp_path):
+    assert_refused(tmp_path, _bad_inputs(tmp_path))
 
 
 PEAK_RSS = """

@@ -10,7 +10,7 @@ import pytest
 import zstandard
 
 from parallel_gpt.data import load_corpus
-from test_prepare import PEAK_RSS, TEXT, run
+from test_prepare import PEAK_RSS, TEXT, assert_refused, run
 
 DOCS = [f"Row {i}: " + TEXT * (i % 5 + 1) for i in range(60)]
 
@@ -107,12 +107,7 @@ def _bad_inputs(tmp_path, copies):
 
 
 def test_bad_input_is_one_line_and_exit_code_2(tmp_path, copies):
-    for args, message in _bad_inputs(tmp_path, copies):
-        out = tmp_path / "out"
-        result = run(*args, "--out", out)
-        assert result.returncode == 2, (args, result.stderr)
-        assert result.stderr.count("\n") == 1 and message in result.stderr, result.stderr
-        assert not out.exists() and not list(tmp_path.glob("out.tmp-*"))
+    assert_refused(tmp_path, _bad_inputs(tmp_path, copies))
 
 
 WITHOUT = """
