@@ -36,13 +36,9 @@ def leaf_name(path, sep: str = "/") -> str:
 
 
 def flatten(tree, prefix: str) -> dict[str, np.ndarray]:
-    """{'prefix/h/0/attn/c_attn/weight': host array} for every leaf of `tree`."""
-    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
-    # One host copy per leaf: a replicated array holds the whole value on every device. A
-    # copy, not a view: a view of a CPU device buffer would keep the next step from
-    # reusing (donating) it while a background write holds the view.
-    return {f"{prefix}/{leaf_name(p)}": np.array(x.addressable_data(0) if isinstance(x, jax.Array) else x)
-            for p, x in leaves}
+    """{'prefix/h/0/attn/c_attn/weight': numpy array} for every leaf of `tree`: a logical
+    tree, whole arrays and blocks as a tuple (the training state's: `DataParallel.to_host`)."""
+    return {f"{prefix}/{leaf_name(p)}": np.asarray(x) for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
 def names(tree, prefix: str) -> list[str]:

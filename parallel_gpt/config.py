@@ -20,6 +20,7 @@ from parallel_gpt.errors import ConfigError
 from parallel_gpt.model import GPTConfig, pad_vocab
 from parallel_gpt.optim import AdamHParams
 from parallel_gpt.runtime import ProcessConfig
+from parallel_gpt.sharding import LEVELS
 from parallel_gpt.tokenizers import TOKENIZERS
 
 
@@ -62,6 +63,9 @@ class TrainConfig:
     # ~/.cache/parallel_gpt/xla), off, or a directory (a bucket shared by a pod's workers)
     compilation_cache: str = "auto"
     devices: typing.Optional[int] = None  # first N local devices; None = all
+    # where the training state lives (sharding.LEVELS): replicated on every device; optimizer, AdamW's
+    # moments split over the devices (ZeRO-1/2); full, the parameters too (ZeRO-3 / FSDP)
+    state_sharding: str = "replicated"
     grad_accum: int = 1
     dtype: str = "float32"  # activations; weights and optimizer state stay float32
 
@@ -86,6 +90,8 @@ class TrainConfig:
             raise ConfigError("init_from is empty: use auto, scratch, resume, or a Hugging Face GPT-2 directory")
         if self.tokenizer not in (None, *TOKENIZERS):
             raise ConfigError(f"tokenizer={self.tokenizer!r}: use {' or '.join(TOKENIZERS)}")
+        if self.state_sharding not in LEVELS:
+            raise ConfigError(f"state_sharding={self.state_sharding!r}: use one of {', '.join(LEVELS)}")
         if self.dtype not in ("float32", "bfloat16"):
             raise ConfigError(f"dtype={self.dtype!r}: use float32 or bfloat16")
 
@@ -166,6 +172,9 @@ def default_preset(platform: str) -> str:
     return "cpu" if platform == "cpu" else "shakespeare_char"
 
 
+_FLAGS = ("remat", "scan_layers")  # settings that are not booleans but may be given alone, meaning "true"
+
+
 def _unknown_key(key: str) -> ConfigError:
     return ConfigError(f"unknown config key {key!r}: valid keys are preset, {', '.join(sorted(FLAT_KEYS))}")
 
@@ -203,7 +212,8 @@ def _coerce(key: str, raw: str):
 def parse_overrides(args: list[str]) -> tuple[str | None, dict]:
     """`--preset NAME` and `--key=value` / `--key value` -> (preset, {flat key: typed value}).
 
-    A boolean key given alone (`--remat`) means true."""
+    A boolean key given alone (`--decay_lr`) means true; so do `--scan_layers` and
+    `--remat` alone (true: "full")."""
     preset, overrides, i = None, {}, 0
     while i < len(args):
         arg = args[i]
@@ -213,7 +223,8 @@ def parse_overrides(args: list[str]) -> tuple[str | None, dict]:
         if key != "preset" and key not in FLAT_KEYS:
             raise _unknown_key(key)
         if not eq:
-            if key != "preset" and _hint(key) is bool and (i + 1 == len(args) or args[i + 1].startswith("--")):
+            alone = key != "preset" and (_hint(key) is bool or key in _FLAGS)
+            if alone and (i + 1 == len(args) or args[i + 1].startswith("--")):
                 raw = "true"
             elif i + 1 >= len(args):
                 raise ConfigError(f"--{key} needs a value: use --{key}=VALUE")

@@ -190,6 +190,7 @@ def generate(model: GPT, tokenizer, prompts, max_new_tokens: int = 500, temperat
         raise ConfigError(f"top_k={top_k} must be between 1 and the vocabulary size {tokenizer.vocab_size}")
     if not 0 < top_p <= 1:
         raise ConfigError(f"top_p={top_p} must be in (0, 1]")
+    model = model.unstack_layers()  # the cache is a tuple per layer
     T = model.config.block_size
     encoded = [np.asarray(tokenizer.encode(p), np.int32) for p in prompts]
     counts = np.array([len(e) for e in encoded], np.int32)

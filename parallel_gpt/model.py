@@ -12,11 +12,23 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.ad_checkpoint import checkpoint_name
 
 from parallel_gpt import attention, nn
 
 
 LAYERNORM_BACKWARD = ("auto", "explicit", "autodiff")
+# What each block keeps for the backward pass: "none" all its activations, "full" only its
+# input (everything else is recomputed), "dots" the outputs of its matmuls with the weights
+# (`jax.checkpoint_policies.dots_with_no_batch_dims_saveable`: the attention scores and the
+# elementwise work are recomputed). true / false, the setting's values before, mean full / none.
+REMAT = ("none", "full", "dots")
+_REMAT_ALIASES = {True: "full", False: "none", "true": "full", "false": "none"}
+# The name of a block's parameters gathered from fully sharded state (`GPT.__call__`'s
+# `gather`): never kept for the backward pass, which gathers them again.
+GATHERED = "gathered_params"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,11 +52,20 @@ class GPTConfig:
     dropout: float = 0.2
     bias: bool = True
     layer_norm_eps: float = 1e-5
-    remat: bool = False  # recompute each block's activations in the backward pass (saves memory)
+    remat: str = "none"  # see REMAT: what each block keeps for the backward pass
+    # Blocks stacked on a leading layer axis and run by lax.scan (see GPT): true, false, or auto
+    # (`for_platform`: false on CPUs, true on accelerators).
+    scan_layers: str | bool = "auto"
     attention: str = "auto"  # see attention.SETTINGS
     layernorm_backward: str = "auto"  # "explicit" (nn.layer_norm's written-out pass) or "autodiff"
 
     def __post_init__(self):
+        object.__setattr__(self, "remat", _REMAT_ALIASES.get(self.remat, self.remat))
+        if self.remat not in REMAT:
+            raise ValueError(f"remat={self.remat!r}: use one of {', '.join(REMAT)} (or true for full)")
+        object.__setattr__(self, "scan_layers", {"true": True, "false": False}.get(self.scan_layers, self.scan_layers))
+        if self.scan_layers not in (True, False, "auto"):
+            raise ValueError(f"scan_layers={self.scan_layers!r}: use true, false or auto")
         for name in ("block_size", "n_layer", "n_head", "n_embd"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be a positive integer")
@@ -72,11 +93,15 @@ class GPTConfig:
 
         LayerNorm's written-out backward pass is measured faster on CPUs only (README,
         Performance), so "auto" gives accelerators JAX's own derivative of the same forward pass.
+        Layers are scanned on accelerators, where compiling one block instead of n_layer
+        saves minutes, and unrolled on CPUs, where a scanned step measured 10-25% slower
+        (README, Performance).
         """
-        ln = self.layernorm_backward
+        ln, scan = self.layernorm_backward, self.scan_layers
         return dataclasses.replace(
             self, attention=attention.resolve(self.attention, platform, dtype),
-            layernorm_backward=("explicit" if platform == "cpu" else "autodiff") if ln == "auto" else ln)
+            layernorm_backward=("explicit" if platform == "cpu" else "autodiff") if ln == "auto" else ln,
+            scan_layers=platform != "cpu" if scan == "auto" else scan)
 
 
 def pad_vocab(n: int, multiple: int = 64) -> int:
@@ -174,52 +199,111 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
+    """The model. Its blocks are held one of two ways (`config.scan_layers`): a tuple of
+    `n_layer` Blocks run one after another, or one Block whose every leaf has a leading
+    layer axis (n_layer, ...), run by `lax.scan`: one compiled block whatever the depth.
+    Both draw the same weights from the same key and compute the same function;
+    checkpoints, Hugging Face conversion and sampling see the tuple (`unstack_layers`)."""
+
     wte: nn.Embedding  # (vocab_size, n_embd), also the output head
     wpe: nn.Embedding  # (block_size, n_embd)
     drop: nn.Dropout
-    h: tuple[Block, ...]
+    h: tuple[Block, ...] | Block  # a Block of stacked (n_layer, ...) leaves when config.scan_layers
     ln_f: nn.LayerNorm
     config: GPTConfig = nn.static()
 
     @classmethod
     def create(cls, config: GPTConfig, *, key):
         settings = {"vocab_size": config.vocab_size, "attention": config.attention,
-                    "layernorm_backward": config.layernorm_backward}
+                    "layernorm_backward": config.layernorm_backward, "scan_layers": config.scan_layers}
         unresolved = [f"{k}={v!r}" for k, v in settings.items() if v in (None, "auto")]
         if unresolved:
             raise ValueError(f"GPTConfig has {', '.join(unresolved)}: set vocab_size and build the model from "
                              f"config.for_platform(platform, dtype)")
-        k_wte, k_wpe, *k_blocks = jax.random.split(key, 2 + config.n_layer)
+        keys = jax.random.split(key, 2 + config.n_layer)
+        block = lambda k: Block.create(config, key=k)  # noqa: E731
         return cls(
-            nn.Embedding.create(config.vocab_size, config.n_embd, key=k_wte),
-            nn.Embedding.create(config.block_size, config.n_embd, key=k_wpe),
+            nn.Embedding.create(config.vocab_size, config.n_embd, key=keys[0]),
+            nn.Embedding.create(config.block_size, config.n_embd, key=keys[1]),
             nn.Dropout(config.dropout),
-            tuple(Block.create(config, key=k) for k in k_blocks),
+            jax.vmap(block)(keys[2:]) if config.scan_layers else tuple(block(k) for k in keys[2:]),
             _layer_norm(config),
             config,
         )
 
     @classmethod
     def shapes(cls, config: GPTConfig) -> "GPT":
-        """The model's tree with shapes and dtypes only (`jax.eval_shape`): a template to
+        """The model's tree as checkpoints hold it (blocks as a tuple, whatever
+        `config.scan_layers`) with shapes and dtypes only (`jax.eval_shape`): a template to
         load arrays into, with nothing initialised."""
+        config = dataclasses.replace(config, scan_layers=False)
         return jax.eval_shape(lambda: cls.create(config, key=jax.random.key(0)))
 
-    def __call__(self, idx, *, key=None, dtype=jnp.float32):
+    def unstack_layers(self) -> "GPT":
+        """This model with its blocks as a tuple (config.scan_layers False): the same arrays
+        sliced, on the host when they are numpy arrays. The moments of AdamW (`optim.AdamState`),
+        trees of the model's structure, unstack alike."""
+        if not self.config.scan_layers:
+            return self
+        blocks = tuple(jax.tree.map(lambda a: a[i], self.h) for i in range(self.config.n_layer))
+        return dataclasses.replace(self, h=blocks, config=dataclasses.replace(self.config, scan_layers=False))
+
+    def stack_layers(self) -> "GPT":
+        """This model with its blocks stacked (config.scan_layers True); numpy arrays stay on the host."""
+        if self.config.scan_layers:
+            return self
+        stack = lambda *a: (np.stack if isinstance(a[0], np.ndarray) else jnp.stack)(a)  # noqa: E731
+        return dataclasses.replace(self, h=jax.tree.map(stack, *self.h),
+                                   config=dataclasses.replace(self.config, scan_layers=True))
+
+    def decays(self) -> "GPT":
+        """For each leaf, whether AdamW decays it: matmul weights and embeddings, whose shape
+        in one layer has two dimensions, not biases or LayerNorm gains. Python bools, from
+        the logical shapes (a sharded leaf's shard says nothing)."""
+        mask = jax.tree.map(lambda a: len(a.shape) >= 2, self)
+        if self.config.scan_layers:  # the layer axis is not a dimension of the weight
+            mask = dataclasses.replace(mask, h=jax.tree.map(lambda a: len(a.shape) >= 3, self.h))
+        return mask
+
+    def __call__(self, idx, *, key=None, dtype=jnp.float32, gather=None):
         """Logits (B, T, vocab_size) for token ids (B, T).
 
         `key` enables dropout (training); `dtype` is the activation dtype: weights stay
         float32 and are cast where they are used, the logits are float32.
+        `gather(module, name)`, for fully sharded state (`sharding.StateLayout`), returns the
+        whole parameters of the module named `name` ("wte", "wpe", "ln_f", or "h" for one
+        block) from this device's shards of them; each block's are gathered just before it
+        runs, so that one block's whole weights exist at a time.
         """
         B, T = idx.shape
         if T > self.config.block_size:
             raise ValueError(f"sequence length {T} exceeds block_size={self.config.block_size}")
-        k_drop, *k_blocks = _split(key, 1 + len(self.h))
-        x = self.wte(idx) + self.wpe.weight[None, :T]  # (B, T, C)
-        x = self.drop(x.astype(dtype), key=k_drop)
-        for block, k in zip(self.h, k_blocks):
-            x = jax.checkpoint(Block.__call__)(block, x, key=k) if self.config.remat else block(x, key=k)
-        return self.head(x)
+        model = self if gather is None else dataclasses.replace(
+            self, wte=gather(self.wte, "wte"), wpe=gather(self.wpe, "wpe"), ln_f=gather(self.ln_f, "ln_f"))
+        keys = jax.random.split(key, 1 + self.config.n_layer) if key is not None else None
+        x = model.wte(idx) + model.wpe.weight[None, :T]  # (B, T, C)
+        x = model.drop(x.astype(dtype), key=None if keys is None else keys[0])
+        x = model.blocks(x, None if keys is None else keys[1:], gather)
+        return model.head(x)
+
+    def blocks(self, x, keys=None, gather=None):
+        """x (B, T, C) through every block; keys (n_layer,) for dropout or None. Each block is
+        one `jax.checkpoint`ed function when `config.remat` or `gather` asks for it."""
+        def run(block, x, key):
+            if gather is not None:
+                block = jax.tree.map(lambda a: checkpoint_name(a, GATHERED), gather(block, "h"))
+            return block(x, key=key)
+
+        policy = _remat_policy(self.config.remat, gathered=gather is not None)
+        if policy is not None:
+            # Inside a scan, JAX's advice: CSE across iterations is not a risk there.
+            run = jax.checkpoint(run, policy=policy, prevent_cse=not self.config.scan_layers)
+        if self.config.scan_layers:
+            x, _ = lax.scan(lambda x, layer: (run(layer[0], x, layer[1]), None), x, (self.h, keys))
+            return x
+        for i, block in enumerate(self.h):
+            x = run(block, x, None if keys is None else keys[i])
+        return x
 
     def head(self, x):
         """Float32 logits (..., vocab_size) for the last block's output x (..., C)."""
@@ -229,9 +313,9 @@ class GPT(nn.Module):
             logits = jnp.where(jnp.arange(self.config.vocab_size) < n, logits, -jnp.inf)
         return logits
 
-    def loss(self, idx, targets, *, key=None, dtype=jnp.float32):
+    def loss(self, idx, targets, *, key=None, dtype=jnp.float32, gather=None):
         """Mean cross-entropy of next-token prediction over all B * T positions."""
-        logits = self(idx, key=key, dtype=dtype)
+        logits = self(idx, key=key, dtype=dtype, gather=gather)
         return cross_entropy(logits, targets)
 
     def num_params(self, non_embedding: bool = True) -> int:
@@ -247,6 +331,16 @@ class GPT(nn.Module):
         plus 12 * L * T * C for attention scores and values (nanoGPT's estimate_mfu)."""
         c = self.config
         return 6 * self.num_params() + 12 * c.n_layer * c.block_size * c.n_embd
+
+
+def _remat_policy(remat: str, gathered: bool):
+    """The `jax.checkpoint` policy of one block, or None for no checkpoint at all. Gathered
+    parameters are never saved: the backward pass gathers them again, as FSDP does."""
+    if remat == "full":
+        return jax.checkpoint_policies.nothing_saveable
+    if remat == "dots":
+        return jax.checkpoint_policies.dots_with_no_batch_dims_saveable
+    return jax.checkpoint_policies.save_anything_except_these_names(GATHERED) if gathered else None
 
 
 def cross_entropy(logits, targets):

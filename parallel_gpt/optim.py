@@ -1,14 +1,16 @@
 """AdamW written by hand: `adam_i` updates one leaf, `jax.tree.map` applies it to the model.
 
-Contract of `adam_update(model, grads, state, hp, grad_norm=None)`:
+Contract of `adam_update(model, grads, state, hp, grad_norm=None, decays=None)`:
   * `grads` has the structure of `model` (float32 leaves); `state` is an `AdamState`
     from `adam_init(model)`; `hp` holds the hyperparameters (an `AdamHParams`).
   * The gradient is first clipped to a global L2 norm of `hp.grad_clip` (0 disables).
   * The learning rate of update t (t = state.count, counted from 0) is `lr_schedule(t, hp)`.
   * Moments use the bias-corrected Adam rule; weight decay is decoupled (AdamW:
-    p -= lr * wd * p) and applies to leaves with ndim >= 2 only (matmul weights and
-    embeddings, not biases or LayerNorm gains).
-  * `grad_norm`, when the caller has it already, is the global norm of `grads`.
+    p -= lr * wd * p) and applies to the leaves `decays` marks True (a tree of bools of
+    the model's structure; `GPT.decays`: matmul weights and embeddings, not biases or
+    LayerNorm gains). Default: leaves with ndim >= 2.
+  * `grad_norm`, when the caller has it already, is the global norm of `grads` (of every
+    device's shards when the state is sharded: `sharding.StateLayout.grad_norm`).
   * Returns (new_model, new_state, lr): the learning rate used. Pure: it runs inside jit/pmap.
 
 `guarded_update(model, grads, loss, state, hp)` is the same update, skipped when the loss
@@ -60,7 +62,8 @@ class AdamHParams:
 
 
 def adam_init(model) -> AdamState:
-    zeros = lambda p: jnp.zeros_like(p, dtype=jnp.float32)  # noqa: E731
+    """Zero moments for `model`'s leaves (arrays, or shapes: `jax.ShapeDtypeStruct`s)."""
+    zeros = lambda p: jnp.zeros(p.shape, jnp.float32)  # noqa: E731
     return AdamState(jnp.zeros((), jnp.int32), jax.tree.map(zeros, model), jax.tree.map(zeros, model))
 
 
@@ -81,19 +84,22 @@ def global_norm(tree):
     return jnp.sqrt(sum(jnp.sum(jnp.square(x)) for x in jax.tree.leaves(tree)))
 
 
-def adam_i(param, grad, mu, nu, i, *, lr, beta1, beta2, eps, weight_decay):
-    """One AdamW update of a single leaf at update index `i` (0-based)."""
+def adam_i(param, grad, mu, nu, i, *, lr, beta1, beta2, eps, weight_decay, decays=None):
+    """One AdamW update of a single leaf at update index `i` (0-based); `decays`: whether
+    weight decay applies (default: param.ndim >= 2)."""
     mu = beta1 * mu + (1 - beta1) * grad
     nu = beta2 * nu + (1 - beta2) * jnp.square(grad)
     t = (i + 1).astype(jnp.float32)
     mu_hat = mu / (1 - beta1**t)
     nu_hat = nu / (1 - beta2**t)
-    decay = weight_decay if param.ndim >= 2 else 0.0
+    decay = weight_decay if (param.ndim >= 2 if decays is None else decays) else 0.0
     param = param - lr * (mu_hat / (jnp.sqrt(nu_hat) + eps) + decay * param)
     return param, mu, nu
 
 
-def adam_update(model, grads, state: AdamState, hp: AdamHParams, grad_norm=None):
+def adam_update(model, grads, state: AdamState, hp: AdamHParams, grad_norm=None, decays=None):
+    if decays is None:
+        decays = jax.tree.map(lambda p: p.ndim >= 2, model)
     if grad_norm is None:
         grad_norm = global_norm(grads)
     if hp.grad_clip > 0:
@@ -103,25 +109,26 @@ def adam_update(model, grads, state: AdamState, hp: AdamHParams, grad_norm=None)
     update = functools.partial(
         adam_i, i=state.count, lr=lr, beta1=hp.beta1, beta2=hp.beta2, eps=hp.eps, weight_decay=hp.weight_decay
     )
-    out = jax.tree.map(update, model, grads, state.mu, state.nu)
+    out = jax.tree.map(lambda p, g, m, v, d: update(p, g, m, v, decays=d), model, grads, state.mu, state.nu, decays)
     model, mu, nu = jax.tree.transpose(jax.tree.structure(model), jax.tree.structure((0, 0, 0)), out)
     return model, AdamState(state.count + 1, mu, nu), lr
 
 
-def guarded_update(model, grads, loss, state: AdamState, hp: AdamHParams):
+def guarded_update(model, grads, loss, state: AdamState, hp: AdamHParams, grad_norm=None, decays=None):
     """`adam_update`, skipped when `loss` or the gradient norm is not finite.
 
     Returns (model, state, metrics): a skipped update returns model and state unchanged and
     metrics["nonfinite"] = 1; metrics also hold the loss, the gradient norm (before
     clipping) and the learning rate of this update.
     """
-    grad_norm = global_norm(grads)
+    if grad_norm is None:
+        grad_norm = global_norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     # A conditional rather than a select between old and new state: the update then writes
     # into the donated buffers instead of keeping both copies alive.
     model, state, lr = lax.cond(
         finite,
-        lambda: adam_update(model, grads, state, hp, grad_norm=grad_norm),
+        lambda: adam_update(model, grads, state, hp, grad_norm=grad_norm, decays=decays),
         lambda: (model, state, lr_schedule(state.count, hp)),
     )
     metrics = {"loss": loss, "grad_norm": grad_norm, "lr": lr, "nonfinite": (~finite).astype(jnp.int32)}

@@ -1,10 +1,15 @@
-"""Data parallelism: the per-device `step`, its `jax.pmap` wrapper, and data placement.
+"""Data parallelism: the per-device `step`, its wrappers, and data placement.
 
-`step` is plain per-device code; the device axis appears only in `lax.pmean` (and in
-`lax.axis_index`, so each device draws different dropout masks: `dropout_key`).
-Replicated state (model and optimizer state) is one `jax.Array` per leaf with sharding
-`NamedSharding(mesh, P())`, passed with `in_axes=None` / `out_axes=None`: no stacked
-replicas, no per-step gathers.
+`step` is plain per-device code; the device axis appears only in its collectives (and in
+`lax.axis_index`, so each device draws different dropout masks: `dropout_key`). Which
+collectives depends on where the state lives (`sharding.StateLayout`, the setting
+`state_sharding`): replicated, the default, averages the gradient with `lax.pmean`; the
+sharded levels reduce-scatter it and gather parameters.
+Replicated state is one `jax.Array` per leaf with sharding `NamedSharding(mesh, P())`,
+passed to `jax.pmap` with `in_axes=None` / `out_axes=None`: no stacked replicas, no
+per-step gathers. Sharded state splits a dimension of each leaf over the devices, which
+`jax.pmap` cannot express (it maps over a leading axis it removes): the same `step` then
+runs under `jax.jit(jax.shard_map(...))` (`shard_map_step`), as pmap itself has since JAX 0.8.
 Batches are (n_devices, B / n_devices, T) arrays sharded `P(AXIS)` over their first axis.
 """
 
@@ -12,7 +17,6 @@ from __future__ import annotations
 
 import collections
 import functools
-from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -21,9 +25,9 @@ from jax import lax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from parallel_gpt.errors import LayoutError
-from parallel_gpt.optim import AdamHParams, AdamState, adam_init, guarded_update
+from parallel_gpt.optim import AdamHParams, AdamState, guarded_update
+from parallel_gpt.sharding import AXIS, StateLayout, TrainState
 
-AXIS = "batch"
 # How dropout keys derive from the seed (`dropout_key`); checkpoints record it, and a
 # resume that would draw different masks is refused.
 RNG_VERSION = 1
@@ -74,9 +78,10 @@ def shard_batch(local_rows: np.ndarray, mesh: Mesh) -> jax.Array:
     return jax.make_array_from_process_local_data(NamedSharding(mesh, P(AXIS)), rows)
 
 
-def loss_and_grads(model, xb, yb, key, grad_accum: int, dtype):
-    """Mean loss and gradient over this device's rows, in `grad_accum` sequential slices."""
-    value_and_grad = jax.value_and_grad(lambda m, x, y, k: m.loss(x, y, key=k, dtype=dtype))
+def loss_and_grads(model, xb, yb, key, grad_accum: int, dtype, gather=None):
+    """Mean loss and gradient over this device's rows, in `grad_accum` sequential slices
+    (`gather`: `GPT.__call__`'s, for fully sharded state)."""
+    value_and_grad = jax.value_and_grad(lambda m, x, y, k: m.loss(x, y, key=k, dtype=dtype, gather=gather))
     if grad_accum == 1:
         return value_and_grad(model, xb, yb, key)
     xs = xb.reshape(grad_accum, -1, xb.shape[-1])  # (A, B_dev / A, T)
@@ -94,25 +99,30 @@ def loss_and_grads(model, xb, yb, key, grad_accum: int, dtype):
 
 
 def step(model, xb, yb, opt_state, stop=0, *, hp: AdamHParams, seed: int = 0, grad_accum: int = 1,
-         dtype=jnp.float32):
+         dtype=jnp.float32, layout: StateLayout | None = None):
     """One data-parallel training step, as seen by one device.
 
     xb, yb: this device's (B / n_devices, T) token ids and targets. Gradients and loss are
-    averaged over the device axis, then AdamW (with clipping) updates the replicated state.
+    averaged over the device axis, then AdamW (with clipping) updates the state.
+    `layout` says where the state lives (default: replicated) and so which collectives
+    average and update (`sharding.StateLayout`): the model and optimizer state come in and
+    go out as this device holds them.
     A non-finite loss or gradient norm skips the update: model and optimizer state come
-    back unchanged and metrics["nonfinite"] is 1.
+    back unchanged and metrics["nonfinite"] is 1; every device decides alike (the norm is
+    of the whole gradient).
     stop: this device's stop request (a signal number, 0 for none; see `DataParallel.step`);
     metrics["stop"] is the largest over all devices of all processes, so a signal that
     reached one host stops every process at the same step.
-    Returns (model, opt_state, metrics); every output is identical on all devices.
+    Returns (model, opt_state, metrics); metrics are identical on all devices.
     """
+    layout = layout or StateLayout("replicated", lax.axis_size(AXIS), model)
     key = dropout_key(seed, opt_state.count) if model.config.dropout > 0 else None
-    loss, grads = loss_and_grads(model, xb, yb, key, grad_accum, dtype)
-    if lax.axis_size(AXIS) > 1:  # on one device the mean is the identity, but XLA would still copy every gradient
-        loss, grads = lax.pmean((loss, grads), AXIS)
-    model, opt_state, metrics = guarded_update(model, grads, loss, opt_state, hp)
+    gather = layout.gather if layout.sharded_model else None
+    loss, grads = layout.reduce(*loss_and_grads(model, xb, yb, key, grad_accum, dtype, gather))
+    params, opt_state, metrics = guarded_update(layout.own(model), grads, loss, opt_state, hp,
+                                                grad_norm=layout.grad_norm(grads), decays=layout.decays)
     metrics["stop"] = lax.pmax(stop, AXIS) if lax.axis_size(AXIS) > 1 else stop
-    return model, opt_state, metrics
+    return layout.rebuild(params), opt_state, metrics
 
 
 def dropout_key(seed: int, count):
@@ -122,49 +132,62 @@ def dropout_key(seed: int, count):
     return jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), count), lax.axis_index(AXIS))
 
 
-def eval_step(model, xb, yb, *, dtype=jnp.float32):
+def eval_step(model, xb, yb, *, dtype=jnp.float32, layout: StateLayout | None = None):
     """Mean loss over the global batch (no dropout), identical on all devices."""
-    return lax.pmean(model.loss(xb, yb, dtype=dtype), AXIS)
-
-
-class TrainState(NamedTuple):
-    """What a training step updates: the model and its AdamW state."""
-
-    model: object  # a GPT
-    opt: AdamState
-
-
-def state_shardings(state: TrainState, mesh: Mesh) -> TrainState:
-    """Where each leaf of `state` lives on `mesh`: the one place that decides the state's
-    layout. Replicated: one array per leaf holding the whole value on every device."""
-    return jax.tree.map(lambda _: NamedSharding(mesh, P()), state)
+    gather = layout.gather if layout is not None and layout.sharded_model else None
+    return lax.pmean(model.loss(xb, yb, dtype=dtype, gather=gather), AXIS)
 
 
 class DataParallel:
     """The per-device `step` over the devices of `mesh`, with what it needs around it:
     placing the training state and the batches, and the stop requests it agrees on.
 
-        dp = DataParallel(mesh, hp=hp)
+        dp = DataParallel(mesh, hp=hp, state_sharding="full")
         state = dp.place(model)                  # AdamW state made when not given
         state, metrics = dp.step(state, *dp.batch(x, y))
+        host = dp.to_host(state)                 # logical numpy arrays, as checkpoints hold them
+
+    `state_sharding`: `sharding.LEVELS`. The first `place` fixes the layout (it needs the
+    model's shapes) and wraps the step: `jax.pmap` for replicated state, `shard_map_step`
+    for sharded.
     """
 
-    def __init__(self, mesh: Mesh, *, hp: AdamHParams, seed: int = 0, grad_accum: int = 1, dtype=jnp.float32):
-        self.mesh = mesh
-        devices = list(mesh.devices.flat)
-        # State in and out once per step (in_axes/out_axes None: `state_shardings`'s
-        # replicated layout), batches and stop requests split over the device axis.
-        self._step = jax.pmap(functools.partial(step, hp=hp, seed=seed, grad_accum=grad_accum, dtype=dtype),
-                              axis_name=AXIS, in_axes=(None, 0, 0, None, 0), out_axes=None, donate_argnums=(0, 3),
-                              devices=devices)
-        self._eval = jax.pmap(functools.partial(eval_step, dtype=dtype), axis_name=AXIS, in_axes=(None, 0, 0),
-                              out_axes=None, devices=devices)
+    def __init__(self, mesh: Mesh, *, hp: AdamHParams, seed: int = 0, grad_accum: int = 1, dtype=jnp.float32,
+                 state_sharding: str = "replicated"):
+        self.mesh, self.state_sharding = mesh, state_sharding
+        self._kwargs = dict(hp=hp, seed=seed, grad_accum=grad_accum, dtype=dtype)
+        self.layout: StateLayout | None = None
         self._stops = {}  # signal number -> its `stop` input, placed once
 
+    def _wrap(self, model):
+        self.layout = layout = StateLayout(self.state_sharding, self.mesh.size, model)
+        dtype = self._kwargs["dtype"]
+        if layout.level == "replicated":
+            devices = list(self.mesh.devices.flat)
+            # State in and out once per step (in_axes/out_axes None: replicated), batches and
+            # stop requests split over the device axis.
+            self._step = jax.pmap(functools.partial(step, **self._kwargs, layout=layout), axis_name=AXIS,
+                                  in_axes=(None, 0, 0, None, 0), out_axes=None, donate_argnums=(0, 3),
+                                  devices=devices)
+            self._eval = jax.pmap(functools.partial(eval_step, dtype=dtype, layout=layout), axis_name=AXIS,
+                                  in_axes=(None, 0, 0), out_axes=None, devices=devices)
+        else:
+            self._step = shard_map_step(self.mesh, layout, **self._kwargs)
+            self._eval = jax.jit(jax.shard_map(
+                lambda model, xb, yb: eval_step(model, xb[0], yb[0], dtype=dtype, layout=layout), mesh=self.mesh,
+                in_specs=(layout.partitions.model, P(AXIS), P(AXIS)), out_specs=P(), check_vma=False))
+
     def place(self, model, opt: AdamState | None = None) -> TrainState:
-        """The training state on the mesh, laid out by `state_shardings`."""
-        state = TrainState(model, adam_init(model) if opt is None else opt)
-        return jax.device_put(state, state_shardings(state, self.mesh))
+        """The training state on the mesh, laid out at this `state_sharding`: `model` and
+        `opt` logical (whole arrays, host or device), AdamW's moments made when `opt` is None."""
+        if self.layout is None:
+            self._wrap(model)
+        return self.layout.place(TrainState(model, opt), self.mesh)
+
+    def to_host(self, state: TrainState, keep: bool = True) -> TrainState | None:
+        """The state as logical numpy arrays (`StateLayout.to_host`; with several processes
+        every process calls it, and those with `keep` False get None)."""
+        return self.layout.to_host(state, keep)
 
     def batch(self, *local_rows: np.ndarray) -> tuple[jax.Array, ...]:
         """This process's rows of each array, placed over the mesh (`shard_batch`)."""
@@ -181,7 +204,7 @@ class DataParallel:
         return self._step.lower(state.model, xb, yb, state.opt, self.stop_input(0))
 
     def eval(self, model, xb, yb) -> jax.Array:
-        """Mean loss over the global batch, no dropout."""
+        """Mean loss over the global batch, no dropout; `model` as the state holds it."""
         return self._eval(model, xb, yb)
 
     def stop_input(self, signum: int) -> jax.Array:
@@ -193,27 +216,28 @@ class DataParallel:
         return self._stops[signum]
 
 
-def shard_map_step(mesh: Mesh, **step_kwargs):
-    """`step` under `jax.jit(jax.shard_map(...))` over `mesh`: called as the `jax.pmap`
-    wrapper in `DataParallel` is, (model, xb, yb, opt_state, stop), with the same results
-    bit for bit; model and optimizer state are donated.
+def shard_map_step(mesh: Mesh, layout: StateLayout, **step_kwargs):
+    """`step` under `jax.jit(jax.shard_map(...))` over `mesh`, the state laid out by
+    `layout`: called as `DataParallel`'s `jax.pmap` wrapper is, (model, xb, yb, opt_state,
+    stop); for replicated state, with the same results bit for bit. Model and optimizer
+    state are donated.
     It needs only the mesh, so it also compiles ahead of time for devices this host lacks
     (`plan`).
 
-    check_vma=False, as pmap runs `step`: `step` averages gradients itself with
-    `lax.pmean`. With the check on, JAX already sums the replicated model's gradients over
-    the axis in the backward pass (measured: 8-device losses leave pmap's at step 3),
-    LayerNorm's written-out backward is rejected, and on a one-device mesh, where `step`
-    skips the pmean, the loss is refused as not replicated.
+    check_vma=False, as pmap runs `step`: `step` averages gradients itself. With the check
+    on, JAX already sums the replicated model's gradients over the axis in the backward
+    pass (measured: 8-device losses leave pmap's at step 3), LayerNorm's written-out
+    backward is rejected, and on a one-device mesh, where `step` skips the pmean, the loss
+    is refused as not replicated.
     """
-    per_device = functools.partial(step, **step_kwargs)
+    per_device = functools.partial(step, layout=layout, **step_kwargs)
 
     def body(model, xb, yb, opt_state, stop):
         # shard_map keeps the sharded axis: each device sees (1, B / n_devices, T) where
         # pmap's view drops it, so the wrapper takes row 0 and `step` stays as it is.
         return per_device(model, xb[0], yb[0], opt_state, stop[0])
 
-    sharded = P(AXIS)
-    mapped = jax.shard_map(body, mesh=mesh, in_specs=(P(), sharded, sharded, P(), sharded), out_specs=P(),
-                           check_vma=False)
+    state, batch = layout.partitions, P(AXIS)
+    mapped = jax.shard_map(body, mesh=mesh, in_specs=(state.model, batch, batch, state.opt, batch),
+                           out_specs=(state.model, state.opt, P()), check_vma=False)
     return jax.jit(mapped, donate_argnums=(0, 3))

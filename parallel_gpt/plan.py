@@ -14,8 +14,9 @@ is one more compile). --vocab_size: the tokenizer's vocabulary (default: GPT-2's
 --tokenizer=gpt2, else the dataset's, read as train reads it).
 
 The step compiled is the step that trains: `parallel.shard_map_step` over a mesh of the
-target's devices, with the state placed by `state_shardings` and the batch sharded over the
-devices as `parallel.shard_batch` places it, model and optimizer state donated.
+target's devices, with the state laid out at the run's `state_sharding`
+(`sharding.StateLayout`) and the batch sharded over the devices as `parallel.shard_batch`
+places it, model and optimizer state donated.
 
 Exit codes: 0 fits; 1 does not fit; 2 bad input (one line on stderr says what to change).
 """
@@ -42,7 +43,7 @@ from parallel_gpt.data import load_corpus
 from parallel_gpt.errors import ConfigError, run_cli
 from parallel_gpt.model import GPT
 from parallel_gpt.optim import adam_init
-from parallel_gpt.parallel import AXIS
+from parallel_gpt.sharding import AXIS, StateLayout, TrainState
 from parallel_gpt.tokenizers import GPT2Tokenizer
 
 EXIT_FITS, EXIT_DOES_NOT_FIT = 0, 1  # and errors.EXIT_BAD_INPUT (2) for bad input
@@ -98,16 +99,15 @@ def target(name: str, memory_limit_gib: float | None = None) -> Target:
 
 
 def abstract_step_inputs(tconf: TrainConfig, config, mesh: Mesh):
-    """(model, xb, yb, opt_state, stop) as shapes with shardings: the arguments train
-    passes to the step, with no array allocated."""
+    """The state's layout at tconf's `state_sharding`, and (model, xb, yb, opt_state, stop)
+    as shapes with shardings: the arguments train passes to the step, with no array allocated."""
     model = jax.eval_shape(lambda: GPT.create(config, key=jax.random.key(tconf.seed)))
-    state = parallel.TrainState(model, jax.eval_shape(adam_init, model))
-    model, opt_state = jax.tree.map(lambda s, sharding: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding),
-                                    state, parallel.state_shardings(state, mesh))
+    layout = StateLayout(tconf.state_sharding, mesh.size, model)
+    state = layout.abstract(TrainState(model, jax.eval_shape(adam_init, model)), mesh)
     n, sharded = mesh.size, NamedSharding(mesh, P(AXIS))
     batch = jax.ShapeDtypeStruct((n, tconf.batch_size // n, config.block_size), jnp.int32, sharding=sharded)
     stop = jax.ShapeDtypeStruct((n,), jnp.int32, sharding=sharded)
-    return model, batch, batch, opt_state, stop
+    return layout, (state.model, batch, batch, state.opt, stop)
 
 
 def per_device_bytes(tree) -> int:
@@ -119,14 +119,15 @@ def compile_step(tconf: TrainConfig, config, t: Target) -> dict:
     """Compile train's step for `t` at tconf's batch; its per-device bytes, FLOPs and compile time."""
     parallel.check_layout(tconf.batch_size, tconf.grad_accum, len(t.devices), where=f" of {t.name}")
     mesh = Mesh(np.array(t.devices), (AXIS,))
-    model, xb, yb, opt_state, stop = abstract_step_inputs(tconf, config, mesh)
-    pstep = parallel.shard_map_step(mesh, hp=tconf.optim, seed=tconf.seed, grad_accum=tconf.grad_accum,
+    layout, (model, xb, yb, opt_state, stop) = abstract_step_inputs(tconf, config, mesh)
+    pstep = parallel.shard_map_step(mesh, layout, hp=tconf.optim, seed=tconf.seed, grad_accum=tconf.grad_accum,
                                     dtype=jnp.dtype(tconf.dtype))
     n = mesh.size
+    flops_per_token = GPT.shapes(config).flops_per_token()  # of the logical model: no padding
     step = {"batch_size": tconf.batch_size, "per_device_batch": tconf.batch_size // n,
             "params": per_device_bytes(model), "optimizer": per_device_bytes(opt_state),
             "batch": per_device_bytes((xb, yb, stop)),
-            "formula_flops": model.flops_per_token() * tconf.batch_size // n * config.block_size}
+            "formula_flops": flops_per_token * tconf.batch_size // n * config.block_size}
     start = time.perf_counter()
     try:
         compiled = pstep.trace(model, xb, yb, opt_state, stop).lower().compile()
@@ -187,7 +188,7 @@ def plan(tconf: TrainConfig, t: Target, vocab_size: int, max_batch: int | None =
     except ValueError as e:  # a kernel that cannot run on these devices
         raise ConfigError(str(e)) from None
     step = compile_step(tconf, config, t)
-    model = jax.eval_shape(lambda: GPT.create(config, key=jax.random.key(0)))
+    model = GPT.shapes(config)
     report = {
         "topology": t.name, "device_kind": t.devices[0].device_kind, "devices": len(t.devices),
         "hosts": len({d.process_index for d in t.devices}), "parameters": model.num_params(non_embedding=False),
@@ -195,7 +196,8 @@ def plan(tconf: TrainConfig, t: Target, vocab_size: int, max_batch: int | None =
         "fits": fits(step, t), "margin": None if step["total"] is None else t.memory - step["total"],
         "settings": {k: v for k, v in tconf.to_flat().items()
                      if k in ("n_layer", "n_head", "n_embd", "block_size", "batch_size", "dtype", "remat",
-                              "grad_accum")} | {"vocab_size": config.vocab_size, "attention": config.attention},
+                              "scan_layers", "grad_accum", "state_sharding")}
+        | {"vocab_size": config.vocab_size, "attention": config.attention},
     }
     if max_batch is not None:
         report["largest_batch"] = largest_batch(tconf, config, t, max_batch, step)
@@ -212,7 +214,8 @@ def format_report(r: dict) -> str:
         ("target", f"{r['topology']}: {r['devices']} x {r['device_kind']}, {r['hosts']} host(s)"),
         ("model", f"{r['parameters'] / 1e6:.2f}M parameters ({s['n_layer']} x {s['n_embd']}, block "
                   f"{s['block_size']}, vocab {s['vocab_size']}), {s['dtype']} activations, remat={s['remat']}, "
-                  f"attention={s['attention']}"),
+                  f"scan_layers={s['scan_layers']}, attention={s['attention']}"),
+        ("state", f"state_sharding={s['state_sharding']}"),
         ("batch", f"{step['batch_size']} ({step['per_device_batch']} per device, grad_accum={s['grad_accum']})"),
         ("params", _size(step["params"])),
         ("optimizer state", _size(step["optimizer"])),

@@ -29,7 +29,7 @@ from parallel_gpt.config import TrainConfig
 from parallel_gpt.errors import CheckpointError, ConfigError, DataError, OutputError
 from parallel_gpt import tokenizers
 from parallel_gpt.model import GPT, GPTConfig, pad_vocab
-from parallel_gpt.optim import adam_init
+from parallel_gpt.optim import AdamState, adam_init
 from parallel_gpt.runtime import is_main_process, print0
 
 META_FORMAT = 2
@@ -49,11 +49,11 @@ def run_facts(dataset_fingerprint: str, mesh) -> dict:
     return {"dataset_fingerprint": dataset_fingerprint, "devices": int(mesh.size), "processes": jax.process_count()}
 
 
-def save_checkpoint(tconf: TrainConfig, step: int, state: parallel.TrainState, tokenizer,
+def save_checkpoint(tconf: TrainConfig, step: int, state: parallel.TrainState | None, tokenizer,
                     writer: checkpoint.Writer, facts: dict | None = None):
-    """Process 0 copies checkpoint `step` of the run to host memory and has `writer` write
-    it (atomically, in the background; see checkpoint.Writer), with `facts` (`run_facts`)
-    when given."""
+    """Process 0 has `writer` write checkpoint `step` of the run (atomically, in the
+    background; see checkpoint.Writer), with `facts` (`run_facts`) when given. `state`:
+    the logical state in host memory (`DataParallel.to_host`); None on other processes."""
     if not is_main_process():
         return
     arrays = {**checkpoint.flatten(state.model, "model"), **checkpoint.flatten(state.opt, "opt")}
@@ -92,13 +92,18 @@ def _from_format_1(meta: dict) -> dict:
             "rng": {"seed": config.get("seed"), "version": 1}}
 
 
+# How the model was run, not what it is: whoever loads a checkpoint chooses for themselves.
+_HOW_IT_RAN = ("attention", "layernorm_backward", "remat", "scan_layers")
+
+
 def read_model_config(meta: dict, where: str) -> GPTConfig:
-    """The GPTConfig a checkpoint was trained with, its kernel settings back to "auto" so
-    that whoever loads it chooses kernels for their own devices. Checkpoints written before
+    """The GPTConfig a checkpoint was trained with, its settings of how it ran (kernels,
+    remat, stacked layers) back to their defaults so that whoever loads it chooses for
+    their own devices. Checkpoints written before
     padding ids were masked get vocab_tokens from their tokenizer (the mask changes no
     real id's probability relative to another's)."""
     hints = typing.get_type_hints(GPTConfig)
-    model = {k: v for k, v in meta["model"].items() if k not in ("attention", "layernorm_backward")}
+    model = {k: v for k, v in meta["model"].items() if k not in _HOW_IT_RAN}
     model.setdefault("vocab_tokens", read_tokenizer(meta, where).vocab_size)
     unknown = sorted(model.keys() - hints.keys())
     if unknown:
@@ -173,10 +178,11 @@ def init_or_resume(tconf: TrainConfig, tokenizer, platform: str, facts: dict | N
     if start == "scratch":
         # One compiled initialiser instead of a dispatch (and a compile) per weight matrix.
         return jax.jit(lambda: GPT.create(config, key=jax.random.key(tconf.seed)))(), None, 0
+    stack = GPT.stack_layers if config.scan_layers else (lambda tree: tree)  # checkpoints hold a tuple of blocks
     if start == "hf":
-        return runtime.broadcast_tree(loaded.get("model"), templates[0]), None, 0
-    model, opt_state = runtime.broadcast_tree(loaded.get("state"), templates)
-    return model, opt_state, start
+        return stack(runtime.broadcast_tree(loaded.get("model"), templates[0])), None, 0
+    model, opt = runtime.broadcast_tree(loaded.get("state"), templates)
+    return stack(model), AdamState(opt.count, stack(opt.mu), stack(opt.nu)), start
 
 
 def _load_newest(tconf: TrainConfig, tokenizer, config, templates, loaded: dict, facts: dict | None):

@@ -129,8 +129,9 @@ def estimate_loss(dp: parallel.DataParallel, model, dataloader, eval_iters: int)
 
 
 def train(model: GPT, dataloader: DataLoader, tconf: TrainConfig, *, opt_state: AdamState | None = None,
-          start_step: int = 0, goodput: Goodput | None = None, signals: StopSignals | None = None) -> GPT:
-    """Train `model` from update `start_step` to `tconf.max_iters`; returns the trained model.
+          start_step: int = 0, goodput: Goodput | None = None, signals: StopSignals | None = None) -> GPT | None:
+    """Train `model` from update `start_step` to `tconf.max_iters`; returns the trained model,
+    whole, in host memory, its blocks as a tuple (on process 0; None on the others).
 
     Batch `step` of `dataloader` feeds update `step`, so a run resumed from a checkpoint at
     step s replays exactly what an uninterrupted run would have done after s. `goodput`
@@ -139,12 +140,14 @@ def train(model: GPT, dataloader: DataLoader, tconf: TrainConfig, *, opt_state: 
     """
     mesh = parallel.make_layout(tconf.batch_size, tconf.grad_accum, tconf.devices)
     dp = parallel.DataParallel(mesh, hp=tconf.optim, seed=tconf.seed, grad_accum=tconf.grad_accum,
-                               dtype=jnp.dtype(tconf.dtype))
+                               dtype=jnp.dtype(tconf.dtype), state_sharding=tconf.state_sharding)
     state = dp.place(model, opt_state)
     loop = _Loop(tconf, dp, dataloader, _reporter(tconf, model, mesh, start_step), goodput or Goodput(),
                  runstate.run_facts(dataloader.corpus.fingerprint, mesh))
     agreed_stop = None  # the previous step's metrics["stop"]: the stop agreed by every process
     batch = dp.batch(*dataloader.batch(start_step)) if start_step < tconf.max_iters else None
+    # The state in host memory as the last checkpoint saved it (the last step always saves).
+    host = dp.to_host(state, keep=is_main_process()) if batch is None else None
     with (contextlib.nullcontext(signals) if signals else StopSignals()) as signals, loop:
         for step in range(start_step + 1, tconf.max_iters + 1):
             with loop.goodput.timing("steps"):
@@ -173,13 +176,13 @@ def train(model: GPT, dataloader: DataLoader, tconf: TrainConfig, *, opt_state: 
             if evaluate:
                 loop.evaluate(step, state.model)
             if save:
-                loop.save(step, state, final=last or bool(stop))
+                host = loop.save(step, state, final=last or bool(stop))
             if stop:
                 loop.finish(step)
                 raise Interrupted(f"stopped by {signal.Signals(stop).name} at step {step}; checkpoint saved: "
                                   f"run the same command to resume")
         loop.finish(tconf.max_iters)
-    return state.model
+    return host.model if host is not None else None
 
 
 def _reporter(tconf: TrainConfig, model: GPT, mesh, start_step: int) -> Reporter:
@@ -225,23 +228,25 @@ class _Loop:
             fault_point(f"eval_{step}")
             self.reporter.evaluation(step, estimate_loss(self.dp, model, self.dataloader, self.tconf.eval_iters))
 
-    def save(self, step: int, state: parallel.TrainState, final: bool):
+    def save(self, step: int, state: parallel.TrainState, final: bool) -> parallel.TrainState | None:
         """Checkpoint `step`: training waits while the state is copied to host memory (and
         for the previous write, if it is still in flight: one at a time); process 0 writes
         it in the background. A `final` checkpoint (the run ends after it) is waited for,
-        and no process leaves before process 0 has written it."""
+        and no process leaves before process 0 has written it. Returns the copy (process 0;
+        None on the others)."""
         t = time.perf_counter()
         with self.reporter.paused(), self.goodput.timing("checkpoint"):
             self.watchdog.phase(Phase.WORK, f"writing checkpoint {step}")
             self.reporter.flush()
-            runstate.save_checkpoint(self.tconf, step, state, self.dataloader.corpus.tokenizer, self.writer,
-                                     self.facts)
+            host = self.dp.to_host(state, keep=is_main_process())  # every process joins a sharded state's gathers
+            runstate.save_checkpoint(self.tconf, step, host, self.dataloader.corpus.tokenizer, self.writer, self.facts)
             if final:
                 self.writer.wait()
                 self.watchdog.phase(Phase.WAIT, f"waiting at the barrier after checkpoint {step}")
                 runtime.barrier(f"checkpoint {step}")
         print0(f"checkpoint {step}: training blocked {time.perf_counter() - t:.2f} s"
                + ("" if final else ", written in the background"))
+        return host
 
     def finish(self, step: int):
         """The run's goodput, on the console and in metrics.jsonl."""
@@ -316,8 +321,7 @@ def _main(argv: list[str], signals: StopSignals) -> int:
             raise
         runtime.lost_peer(e)
     if tconf.sample_tokens and is_main_process():
-        host_model = jax.device_get(model)
-        print("sample:\n" + generate(host_model, corpus.tokenizer, "\n", tconf.sample_tokens, seed=tconf.seed))
+        print("sample:\n" + generate(model, corpus.tokenizer, "\n", tconf.sample_tokens, seed=tconf.seed))
     runtime.stop_processes()
     return 0
 

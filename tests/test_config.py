@@ -21,10 +21,29 @@ def test_overrides_are_typed():
 
 
 def test_a_bare_boolean_flag_means_true():
-    assert parse_overrides(["--remat"]) == (None, {"remat": True})
-    assert parse_overrides(["--remat", "--decay_lr", "--max_iters=3"]) == (None, {"remat": True, "decay_lr": True,
-                                                                                  "max_iters": 3})
-    assert parse_overrides(["--remat", "false"]) == (None, {"remat": False})
+    assert parse_overrides(["--decay_lr"]) == (None, {"decay_lr": True})
+    assert parse_overrides(["--decay_lr", "--bias", "--max_iters=3"]) == (None, {"decay_lr": True, "bias": True,
+                                                                                 "max_iters": 3})
+    assert parse_overrides(["--decay_lr", "false"]) == (None, {"decay_lr": False})
+
+
+@pytest.mark.parametrize("args, remat, scan", [
+    (["--remat"], "full", "auto"), (["--remat", "false"], "none", "auto"), (["--remat=dots"], "dots", "auto"),
+    (["--scan_layers", "--max_iters=3"], "none", True), (["--scan_layers=false"], "none", False),
+    (["--remat=true", "--scan_layers", "auto"], "full", "auto")])
+def test_remat_and_scan_layers_keep_their_boolean_spelling(args, remat, scan):
+    # --remat was a boolean: alone or true it means "full", false "none".
+    model = make_config("tiny", parse_overrides(args)[1]).model
+    assert (model.remat, model.scan_layers) == (remat, scan)
+
+
+def test_bad_remat_and_scan_layers_name_the_choices():
+    with pytest.raises(ConfigError, match="remat='some': use one of none, full, dots"):
+        make_config("tiny", {"remat": "some"})
+    with pytest.raises(ConfigError, match="scan_layers='maybe': use true, false or auto"):
+        make_config("tiny", {"scan_layers": "maybe"})
+    with pytest.raises(ConfigError, match="state_sharding='zero3': use one of replicated, optimizer, full"):
+        make_config("tiny", {"state_sharding": "zero3"})
 
 
 def test_every_setting_is_declared_once_and_reachable_by_its_flat_name():

@@ -117,7 +117,7 @@ def test_backend_settings_that_cannot_run_say_what_to_change():
         GPTConfig(vocab_size=64, attention="cudnn").for_platform("gpu", jnp.float32)
     with pytest.raises(ValueError, match="attention='flash': use one of auto, xla, cudnn, cpu_blocks"):
         GPTConfig(attention="flash")
-    with pytest.raises(ValueError, match=r"GPTConfig has attention='auto', layernorm_backward='auto': .*for_platform"):
+    with pytest.raises(ValueError, match=r"GPTConfig has attention='auto', layernorm_backward='auto', scan_layers='auto': .*for_platform"):
         GPT.create(GPTConfig(vocab_size=64), key=jax.random.key(0))
     with pytest.raises(ValueError, match=r"GPTConfig has vocab_size=None"):
         GPT.create(GPTConfig().for_platform("cpu"), key=jax.random.key(0))
