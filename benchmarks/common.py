@@ -36,7 +36,7 @@ COMPILES = CompileCounter()
 
 
 def model_config(n_layer: int, n_head: int, n_embd: int, block_size: int, vocab_size: int,
-                 platform: str | None, dtype, remat: bool = False) -> GPTConfig:
+                 platform: str | None, dtype, remat: str = "none") -> GPTConfig:
     """The GPTConfig of a benchmark shape, built as training builds it: the tokenizer's
     `vocab_size` padded with `pad_vocab`, and the backend settings resolved for `platform`
     devices computing activations in `dtype`. No dropout: the steps compared must do the same work.

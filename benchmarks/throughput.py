@@ -66,7 +66,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=3, help="untimed steps after compiling")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="activation dtype")
     p.add_argument("--grad_accum", type=int, default=1, help="micro-batches per device per step")
-    p.add_argument("--remat", action="store_true", help="recompute each block's activations in the backward pass")
+    p.add_argument("--remat", choices=("none", "full", "dots"), default="none",
+                   help="what each block keeps for the backward pass (model.REMAT)")
     p.add_argument("--devices", default="1", help="device counts, comma-separated, e.g. 1,2,4,8")
     p.add_argument("--sweep", choices=("none", "weak", "strong", "both"), default="none",
                    help="weak: fixed batch per device; strong: fixed global batch; none: one device count")
@@ -227,7 +228,7 @@ def _fmt(x, spec: str, scale: float = 1.0, suffix: str = "") -> str:
 
 def markdown(report: dict) -> str:
     first, config = report["points"][0], report["config"]
-    options = (", remat" if config["remat"] else "") + (f", grad_accum {config['grad_accum']}"
+    options = (f", remat {config['remat']}" if config["remat"] != "none" else "") + (f", grad_accum {config['grad_accum']}"
                                                          if config["grad_accum"] > 1 else "")
     lines = [f"{first['params'] / 1e6:.2f}M parameters, {first['flops_per_token'] / 1e6:.1f} MFLOP/token, "
              f"{config['dtype']}{options}, {first['platform']} ({first['device_kind']}), "

@@ -60,10 +60,10 @@ def test_model_config_pads_the_vocabulary_and_resolves_the_backends_for_the_devi
 
     cpu = model_config(1, 2, 32, 16, 77, "cpu", "float32")
     assert (cpu.n_layer, cpu.n_head, cpu.n_embd, cpu.block_size) == (1, 2, 32, 16)
-    assert (cpu.vocab_size, cpu.dropout, cpu.remat) == (128, 0.0, False)
+    assert (cpu.vocab_size, cpu.dropout, cpu.remat) == (128, 0.0, "none")
     assert (cpu.attention, cpu.layernorm_backward) == ("cpu_blocks", "explicit")
-    gpu = model_config(1, 2, 32, 16, 77, "gpu", "bfloat16", remat=True)
-    assert (gpu.attention, gpu.layernorm_backward, gpu.remat) == ("cudnn", "autodiff", True)
+    gpu = model_config(1, 2, 32, 16, 77, "gpu", "bfloat16", remat="full")
+    assert (gpu.attention, gpu.layernorm_backward, gpu.remat) == ("cudnn", "autodiff", "full")
     unresolved = model_config(1, 2, 32, 16, 77, None, "float32")  # a shape check, before any device is chosen
     assert (unresolved.attention, unresolved.layernorm_backward) == ("auto", "auto")
     with pytest.raises(ValueError, match="n_embd=30 is not divisible by n_head=4"):

@@ -128,9 +128,11 @@ def one_process(tmp_path_factory, cache_dir):
     return outs
 
 
-@pytest.mark.parametrize("dropout", ["0.0", "0.1"])
-def test_two_processes_train_as_one(tmp_path, one_process, dropout):
-    result = launched(f"--out_dir={tmp_path}", f"--dropout={dropout}")
+@pytest.mark.parametrize("dropout, layout", [("0.0", ()), ("0.1", ()),
+                                             ("0.1", ("--state_sharding=full", "--scan_layers=true"))])
+def test_two_processes_train_as_one(tmp_path, one_process, dropout, layout):
+    # At level full every process holds a quarter of the state and the checkpoint is gathered.
+    result = launched(f"--out_dir={tmp_path}", f"--dropout={dropout}", *layout)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "4 cpu device(s) in 2 processes" in result.stdout
     assert not [line for line in result.stdout.splitlines() if line.startswith("[p1] step")]  # only process 0 logs

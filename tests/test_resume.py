@@ -277,3 +277,50 @@ def test_a_device_count_change_is_listed(tmp_path, reference):
     result = run_train(tmp_path, "--max_iters=31", devices=4)
     assert result.returncode == 0, result.stderr
     assert "resuming with changed settings: max_iters 30 -> 31, devices 8 -> 4" in result.stdout
+
+
+def assert_close_to(out, reference):
+    """The same run as `reference` up to float32 rounding (another state layout)."""
+    got, want = loss_rows(out), loss_rows(reference)
+    assert [s for s, _ in got] == [s for s, _ in want]
+    for (step, g), (_, w) in zip(got, want):
+        for k in w:
+            np.testing.assert_allclose(g[k], w[k], rtol=1e-5, err_msg=f"{k} at step {step}")
+    (name, arrays), (ref_name, ref_arrays) = final_arrays(out), final_arrays(reference)
+    assert name == ref_name and arrays.keys() == ref_arrays.keys()
+    for key in arrays:
+        np.testing.assert_allclose(arrays[key], ref_arrays[key], rtol=1e-5, atol=1e-5, err_msg=key)
+
+
+@pytest.fixture(scope="module")
+def reference_without_dropout(tmp_path_factory, cache_dir):
+    """1 device, replicated, unrolled, dropout 0: masks would differ with the device count."""
+    out = tmp_path_factory.mktemp("reference-nodrop")
+    assert run_train(out, "--dropout=0.0", devices=1).returncode == 0
+    return out
+
+
+@pytest.mark.parametrize("first, then", [
+    ((8, "--state_sharding=full", "--scan_layers=true"), (1, "--state_sharding=replicated", "--scan_layers=false")),
+    ((1, "--state_sharding=replicated", "--scan_layers=false"), (8, "--state_sharding=full", "--scan_layers=true")),
+])
+def test_a_checkpoint_resumes_at_any_level_on_any_device_count(tmp_path, reference_without_dropout, first, then):
+    # Checkpoints are logical (whole arrays, a block per name), so the layout is free to change.
+    stopped = run_train(tmp_path, "--dropout=0.0", "--max_iters=20", *first[1:], devices=first[0])
+    assert stopped.returncode == 0, stopped.stderr
+    resumed = run_train(tmp_path, "--dropout=0.0", *then[1:], devices=then[0])
+    assert resumed.returncode == 0, resumed.stderr
+    assert "state_sharding" in resumed.stdout.split("resuming with changed settings:")[1].splitlines()[0]
+    assert_close_to(tmp_path, reference_without_dropout)
+
+
+def test_a_run_at_level_full_killed_mid_save_resumes_from_the_previous_checkpoint(tmp_path, reference):
+    full = ("--state_sharding=full", "--scan_layers=true")
+    killed = run_train(tmp_path, *full, fault="save_00000020_arrays:SIGKILL")
+    assert killed.returncode == -9, killed.stderr
+    assert [p.name for p in checkpoint.checkpoint_dirs(tmp_path)] == ["step_00000010"]
+    checkpoint.load(checkpoint.checkpoint_dirs(tmp_path)[0])  # whole: it verifies
+    resumed = run_train(tmp_path, *full)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming from step 10" in resumed.stdout
+    assert_close_to(tmp_path, reference)

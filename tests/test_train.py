@@ -50,7 +50,7 @@ def test_checkpoint_describes_the_model(trained):
     meta = json.loads((Path(trained[0]) / "checkpoints" / "step_00000020" / "meta.json").read_text())
     assert meta["format"] == 2 and meta["rng"] == {"seed": 1337, "version": 1}
     assert meta["model"] == {"block_size": 32, "vocab_size": 128, "vocab_tokens": 77, "n_layer": 2, "n_head": 2,
-                             "n_embd": 32, "dropout": 0.0, "bias": True, "layer_norm_eps": 1e-5, "remat": False,
+                             "n_embd": 32, "dropout": 0.0, "bias": True, "layer_norm_eps": 1e-5, "remat": "none", "scan_layers": False,
                              "attention": "cpu_blocks", "layernorm_backward": "explicit"}
     assert meta["tokenizer"]["type"] == "char" and meta["train"]["max_iters"] == 20
 
