@@ -50,7 +50,7 @@ def test_shard_map_step_equals_pmap_step_bit_for_bit():
     def run(wrapper):
         dp = parallel.DataParallel(parallel.make_mesh(8), hp=hp, seed=3)
         state, metrics = dp.place(GPT.create(config, key=jax.random.key(0))), []
-        shard_mapped = parallel.shard_map_step(dp.mesh, hp=hp, seed=3)
+        shard_mapped = parallel.shard_map_step(dp.mesh, dp.layout, hp=hp, seed=3)
         for x, y in data:
             if wrapper == "pmap":  # DataParallel's own
                 state, m = dp.step(state, *dp.batch(x, y))

