@@ -10,9 +10,10 @@ loop, compilation apart), its compilation and its wall time. "to first step" is 
 compilation + the first step.
 
 Checkpoints: a state of the shape's size (model + AdamW moments) on one device is saved
-`rounds` times each way, alternating: `checkpoint.save` of `checkpoint.flatten` (what a
-save blocked for before) against `checkpoint.flatten` + `checkpoint.Writer.save` (what it
-blocks for now: the copy to host memory; the write goes on in the background).
+`rounds` times each way, alternating: `checkpoint.save` of the state copied to host memory
+(`DataParallel.to_host`: what a save blocked for before) against the copy +
+`checkpoint.Writer.save` (what it blocks for now: the copy; the write goes on in the
+background).
 """
 
 from __future__ import annotations
@@ -76,20 +77,22 @@ def blocked(shape: str, rounds: int, tmp: Path) -> dict:
     """Seconds a checkpoint blocks training, foreground against background, alternating."""
     import jax
 
-    from parallel_gpt import checkpoint
+    from parallel_gpt import checkpoint, parallel
     from parallel_gpt.model import GPT, GPTConfig
-    from parallel_gpt.optim import adam_init
+    from parallel_gpt.optim import AdamHParams
 
     config = GPTConfig(**SHAPES[shape][0], dropout=0.0).for_platform("cpu")
     model = jax.jit(lambda: GPT.create(config, key=jax.random.key(0)))()
-    state = (model, adam_init(model))
+    dp = parallel.DataParallel(parallel.make_mesh(1), hp=AdamHParams())
+    state = dp.place(model)
     jax.block_until_ready(state)
     writer, times = checkpoint.Writer(), {"foreground": [], "background": []}
     for r in range(rounds):
         for kind in ("foreground", "background") if r % 2 == 0 else ("background", "foreground"):
             writer.wait()  # the previous background write is not this round's time
             t = time.perf_counter()
-            arrays = {**checkpoint.flatten(state[0], "model"), **checkpoint.flatten(state[1], "opt")}
+            host = dp.to_host(state)  # what the trainer copies to host memory
+            arrays = {**checkpoint.flatten(host.model, "model"), **checkpoint.flatten(host.opt, "opt")}
             if kind == "foreground":
                 checkpoint.save(tmp / f"ckpt_{shape}", 2 * r + 1, arrays, {}, keep=1)
             else:
