@@ -84,8 +84,9 @@ def main(argv=None) -> int:
         print(json.dumps(steps(args.point, args.rounds, args.steps)))
         return 0
     if args.what == "compile":
+        import jax
+        jax.config.update("jax_platforms", "cpu")  # as plan: compile-only TPU devices come from libtpu all the same
         if args.topology.startswith("cpu:"):
-            import jax
             jax.config.update("jax_num_cpu_devices", int(args.topology[4:]))
         figures = compile_times([int(n) for n in args.layers.split(",")], args.topology)
         by = {(f["n_layer"], f["scan_layers"]): f["compile_s"] for f in figures}

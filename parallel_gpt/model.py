@@ -95,7 +95,7 @@ class GPTConfig:
         Performance), so "auto" gives accelerators JAX's own derivative of the same forward pass.
         Layers are scanned on accelerators, where compiling one block instead of n_layer
         saves minutes, and unrolled on CPUs, where a scanned step measured 10-25% slower
-        (README, Performance).
+        (README, Sharded state and scanned layers).
         """
         ln, scan = self.layernorm_backward, self.scan_layers
         return dataclasses.replace(
@@ -282,6 +282,13 @@ class GPT(nn.Module):
             self, wte=gather(self.wte, "wte"), wpe=gather(self.wpe, "wpe"), ln_f=gather(self.ln_f, "ln_f"))
         keys = jax.random.split(key, 1 + self.config.n_layer) if key is not None else None
         x = model.wte(idx) + model.wpe.weight[None, :T]  # (B, T, C)
+        if gather is not None:
+            # Every device must run its collectives in one order. XLA:CPU runs independent
+            # work concurrently, and measured: one device gathered ln_f (needed only by the
+            # head) while the others were gathering inside the blocks' loop, and all waited
+            # for ever. Tying the gathered leaves to x puts their gathers before the blocks
+            # and, in the backward pass, their reduce-scatters after.
+            x, model = lax.optimization_barrier((x, model))
         x = model.drop(x.astype(dtype), key=None if keys is None else keys[0])
         x = model.blocks(x, None if keys is None else keys[1:], gather)
         return model.head(x)

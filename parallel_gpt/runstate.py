@@ -219,7 +219,9 @@ def _load_newest(tconf: TrainConfig, tokenizer, config, templates, loaded: dict,
 def check_resume(meta: dict, tconf: TrainConfig, tokenizer, facts: dict | None = None):
     """ConfigError listing what forbids resuming `meta`'s run with `tconf` (and `facts`,
     `run_facts`); prints what else changed."""
-    old, new = meta["train"], tconf.to_flat()
+    old, new = dict(meta["train"]), tconf.to_flat()
+    if "remat" in old:  # a boolean before remat had levels: compared as the level it meant
+        old["remat"] = GPTConfig(remat=old["remat"]).remat
     recorded = meta.get("run") if isinstance(meta.get("run"), dict) else {}
     fixed = FIXED_ON_RESUME if recorded.get("dataset_fingerprint") else (*FIXED_ON_RESUME, "dataset")
     changed = [k for k, v in new.items() if k in old and old[k] != v and k not in _RUN_CONTROL]

@@ -15,6 +15,8 @@ One setting, `state_sharding`, three levels (P parameters, N devices, bytes per 
               reduce-scatter, so the gradient arrives sharded. 16P/N, plus one block's whole
               weights and the embeddings.
 
+On one device every level is the replicated layout (the same program).
+
 How a leaf is split (`LeafSpec`): along the first dimension of its per-layer shape that N
 divides, so the shard keeps the leaf's rank and the per-leaf code runs unchanged; a leaf
 that no dimension of fits (N = 7 and GPT-2's 768-wide LayerNorm gain) is flattened, per
@@ -127,8 +129,9 @@ class StateLayout:
     def __init__(self, level: str, n: int, model):
         if level not in LEVELS:
             raise ValueError(f"state_sharding={level!r}: use one of {', '.join(LEVELS)}")
-        self.level, self.n = level, n
-        self.sharded_model, self.sharded_opt = level == "full", level != "replicated"
+        # One device holds the whole state at every level: the replicated program, no collectives.
+        self.level, self.n = (level if n > 1 else "replicated"), n
+        self.sharded_model, self.sharded_opt = self.level == "full", self.level != "replicated"
         stacked = model.config.scan_layers
         self.specs = jax.tree_util.tree_map_with_path(
             lambda path, a: LeafSpec.choose(a.shape, n, stacked and path[0].name == "h"), model)
@@ -140,9 +143,6 @@ class StateLayout:
         moments = split(self.sharded_opt)
         # The PartitionSpec of each leaf of the TrainState.
         self.partitions = TrainState(split(self.sharded_model), AdamState(P(), moments, moments))
-
-    def __repr__(self):
-        return f"StateLayout({self.level!r}, n={self.n})"
 
     # --- where the state lives
 
@@ -211,20 +211,20 @@ class StateLayout:
 
     def own(self, model):
         """The parameters this device updates: at level optimizer, its shard of each leaf."""
-        if self.level != "optimizer" or self.n == 1:
+        if self.level != "optimizer":
             return model
         return jax.tree.map(lambda spec, p: spec.own(p), self.specs, model)
 
     def rebuild(self, params):
         """`own`'s inverse after the update: at level optimizer, the whole parameters gathered."""
-        if self.level != "optimizer" or self.n == 1:
+        if self.level != "optimizer":
             return params
         return jax.tree.map(lambda spec, p: spec.gather(p), self.specs, params)
 
     def grad_norm(self, grads):
         """The global L2 norm of the (reduced) gradient: of the whole, or of every device's shards."""
         squares = sum(jnp.sum(jnp.square(g)) for g in jax.tree.leaves(grads))
-        return jnp.sqrt(lax.psum(squares, AXIS) if self.sharded_opt and self.n > 1 else squares)
+        return jnp.sqrt(lax.psum(squares, AXIS) if self.sharded_opt else squares)
 
 
 def _host_copy(x, keep: bool):

@@ -314,13 +314,18 @@ def test_a_checkpoint_resumes_at_any_level_on_any_device_count(tmp_path, referen
     assert_close_to(tmp_path, reference_without_dropout)
 
 
-def test_a_run_at_level_full_killed_mid_save_resumes_from_the_previous_checkpoint(tmp_path, reference):
+@pytest.mark.parametrize("fault, code, resumes_from", [
+    ("save_00000020_arrays:SIGKILL", -9, 10),  # mid-write: the previous checkpoint stands, whole
+    ("step_17:SIGTERM", errors.EXIT_INTERRUPTED, 19),  # the agreed stop saves the step it reports
+])
+def test_a_run_at_level_full_stopped_anywhere_resumes(tmp_path, reference, fault, code, resumes_from):
     full = ("--state_sharding=full", "--scan_layers=true")
-    killed = run_train(tmp_path, *full, fault="save_00000020_arrays:SIGKILL")
-    assert killed.returncode == -9, killed.stderr
-    assert [p.name for p in checkpoint.checkpoint_dirs(tmp_path)] == ["step_00000010"]
-    checkpoint.load(checkpoint.checkpoint_dirs(tmp_path)[0])  # whole: it verifies
+    stopped = run_train(tmp_path, *full, fault=fault)
+    assert stopped.returncode == code, stopped.stderr
+    newest = checkpoint.checkpoint_dirs(tmp_path)[0]
+    assert newest.name == f"step_{resumes_from:08d}"
+    checkpoint.load(newest)  # whole: it verifies
     resumed = run_train(tmp_path, *full)
     assert resumed.returncode == 0, resumed.stderr
-    assert "resuming from step 10" in resumed.stdout
+    assert f"resuming from step {resumes_from}" in resumed.stdout
     assert_close_to(tmp_path, reference)
