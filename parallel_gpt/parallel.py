@@ -124,7 +124,12 @@ def step(model, xb, yb, opt_state, stop=0, *, hp: AdamHParams, seed: int = 0, gr
     loss, grads = layout.reduce(loss, grads)
     params, opt_state, metrics = guarded_update(layout.own(model), grads, loss, opt_state, hp,
                                                 grad_norm=layout.grad_norm(grads), decays=layout.decays)
-    metrics["stop"] = lax.pmax(stop, AXIS) if lax.axis_size(AXIS) > 1 else stop
+    if lax.axis_size(AXIS) > 1:
+        # Taken with the skip flag (the same on every device), which depends on the loss and
+        # the gradient: the stop's all-reduce cannot then run before the blocks' gathers
+        # (XLA:CPU runs independent collectives concurrently and, measured, deadlocked).
+        stop = lax.pmax(jnp.stack([stop, metrics["nonfinite"]]), AXIS)[0]
+    metrics["stop"] = stop
     return layout.rebuild(params), opt_state, metrics
 
 
