@@ -3,11 +3,12 @@
     PYTHONPATH=. python benchmarks/sharding.py steps [--devices 1,8] [--rounds 5]
     PYTHONPATH=. python benchmarks/sharding.py compile [--layers 12,24,48] [--topology cpu:1]
 
-steps: the training step at each level (replicated, optimizer, full) on N devices, the
-`cpu` preset's shape and batch, timed in alternating rounds in one process (one process
+steps: the training step at each level (replicated, optimizer, full; layers unrolled, as
+`auto` has them on CPUs) and replicated with scanned layers, on N devices, the `cpu`
+preset's shape and batch, timed in alternating rounds in one process (one process
 per device count: on a CPU that is how N devices are simulated; they share the host's
-cores, so the figure is what the levels' collectives cost, not scaling). Each level's time
-is reported as the median over rounds of its ratio to replicated's in the same round.
+cores, so the figure is what the levels' collectives cost, not scaling). Each time is
+reported as the median over rounds of its ratio to replicated's in the same round.
 
 compile: the step of a GPT-2-wide model (n_embd 768, 12 heads, block 1024, vocab 50304,
 batch 1 per device) at each depth, layers unrolled and scanned, compiled ahead of time by
@@ -18,6 +19,7 @@ through libtpu (`pip install -e '.[tpu]'`).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import statistics
@@ -42,12 +44,12 @@ def steps(n_devices: int, rounds: int, n_steps: int) -> dict:
     config = tconf.model_config(65).for_platform("cpu")  # the Shakespeare characters' vocabulary
     loader = synthetic_loader(65, config.block_size, batch)
     runners = {}
-    for level in LEVELS:
+    for name, level, scan in [*((level, level, False) for level in LEVELS), ("replicated, scanned", "replicated", True)]:
         dp = parallel.DataParallel(mesh, hp=tconf.optim, state_sharding=level)
-        runners[level] = Runner(dp.step, dp.lower, dp.place(GPT.create(config, key=jax.random.key(0))),
-                                lambda s, dp=dp: dp.batch(*loader.batch(s)))
-        runners[level].compile()
-        runners[level].run(3)  # warm up
+        model = GPT.create(dataclasses.replace(config, scan_layers=scan), key=jax.random.key(0))
+        runners[name] = Runner(dp.step, dp.lower, dp.place(model), lambda s, dp=dp: dp.batch(*loader.batch(s)))
+        runners[name].compile()
+        runners[name].run(3)  # warm up
     return time_alternating(runners, rounds, n_steps)
 
 
@@ -103,12 +105,12 @@ def main(argv=None) -> int:
             done = subprocess.run([sys.executable, __file__, "steps", "--point", str(n), "--rounds", str(args.rounds),
                                    "--steps", str(args.steps)], env=env, capture_output=True, text=True, check=True)
             per_step = json.loads(done.stdout.strip().splitlines()[-1])
-            figures[n] = {level: {"step_ms": 1000 * statistics.median(per_step[level]),
-                                  "vs_replicated": statistics.median(a / b for a, b in zip(per_step[level],
-                                                                                           per_step["replicated"]))}
-                          for level in LEVELS}
-            print(f"{n} device(s): " + ", ".join(f"{level} {f['step_ms']:.1f} ms ({f['vs_replicated']:.2f}x)"
-                                                 for level, f in figures[n].items()), flush=True)
+            figures[n] = {name: {"step_ms": 1000 * statistics.median(times),
+                                 "vs_replicated": statistics.median(a / b for a, b in zip(times,
+                                                                                          per_step["replicated"]))}
+                          for name, times in per_step.items()}
+            print(f"{n} device(s): " + ", ".join(f"{name} {f['step_ms']:.1f} ms ({f['vs_replicated']:.2f}x)"
+                                                 for name, f in figures[n].items()), flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(figures, f, indent=1)
