@@ -308,7 +308,8 @@ def _main(argv: list[str], signals: StopSignals) -> int:
         runtime.stop_processes()
         return EXIT_INTERRUPTED
     print0(f"config: {json.dumps(tconf.to_flat())}")
-    print0(f"kernels: attention={model.config.attention}, layernorm_backward={model.config.layernorm_backward}")
+    print0(f"kernels: attention={model.config.attention}, layernorm_backward={model.config.layernorm_backward}, "
+           f"scan_layers={str(model.config.scan_layers).lower()}")
     try:
         model = train(model, dataloader, tconf, opt_state=opt_state, start_step=start, goodput=goodput,
                       signals=signals)

@@ -43,7 +43,7 @@ def test_cli_writes_metrics_events_and_checkpoints(trained):
     assert list((out / "tb").glob("events.out.tfevents.*"))
     assert [p.name for p in sorted((out / "checkpoints").iterdir())] == ["step_00000010", "step_00000020"]
     assert "ETA" in result.stdout and "sample:" in result.stdout
-    assert "kernels: attention=cpu_blocks, layernorm_backward=explicit" in result.stdout
+    assert "kernels: attention=cpu_blocks, layernorm_backward=explicit, scan_layers=false" in result.stdout
 
 
 def test_checkpoint_describes_the_model(trained):
