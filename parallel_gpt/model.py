@@ -283,11 +283,10 @@ class GPT(nn.Module):
         keys = jax.random.split(key, 1 + self.config.n_layer) if key is not None else None
         x = model.wte(idx) + model.wpe.weight[None, :T]  # (B, T, C)
         if gather is not None:
-            # Every device must run its collectives in one order. XLA:CPU runs independent
-            # work concurrently, and measured: one device gathered ln_f (needed only by the
-            # head) while the others were gathering inside the blocks' loop, and all waited
-            # for ever. Tying the gathered leaves to x puts their gathers before the blocks
-            # and, in the backward pass, their reduce-scatters after.
+            # Every device must run its collectives in one order. Tying the gathered leaves
+            # to x schedules their gathers before the blocks' (ln_f's is needed only by the
+            # head). XLA:CPU drops the barrier before it runs the program and may still run
+            # independent collectives concurrently (see `parallel.step`'s stop).
             x, model = lax.optimization_barrier((x, model))
         x = model.drop(x.astype(dtype), key=None if keys is None else keys[0])
         x = model.blocks(x, None if keys is None else keys[1:], gather)

@@ -119,7 +119,7 @@ def step(model, xb, yb, opt_state, stop=0, *, hp: AdamHParams, seed: int = 0, gr
     key = dropout_key(seed, opt_state.count) if model.config.dropout > 0 else None
     gather = layout.gather if layout.sharded_model else None
     loss, grads = loss_and_grads(model, xb, yb, key, grad_accum, dtype, gather)
-    if gather is not None:  # the collectives below after the blocks' (see `GPT.__call__`)
+    if gather is not None:  # the collectives below scheduled after the blocks' (see `GPT.__call__`)
         loss, grads, stop = lax.optimization_barrier((loss, grads, stop))
     loss, grads = layout.reduce(loss, grads)
     params, opt_state, metrics = guarded_update(layout.own(model), grads, loss, opt_state, hp,
