@@ -115,7 +115,7 @@ def save(out_dir, step: int, arrays: dict[str, np.ndarray], meta: dict, keep: in
 
 class Writer:
     """`save` on a background thread, one checkpoint at a time, so that training waits only
-    while the state is copied to host memory (the caller's `flatten`), not while it is
+    while the state is copied to host memory (`DataParallel.to_host`), not while it is
     hashed, written and fsynced. The write in flight holds that copy: 12 bytes per
     parameter with AdamW (GPT-2 small: 1.5 GB). A write that fails raises its error in
     the caller's thread at the next `check`, `save` or `wait`; a process killed while a
