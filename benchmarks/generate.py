@@ -21,9 +21,11 @@ run's steps, over the host memory bandwidth, measured in the same run as (bytes 
 bytes written) / seconds of a 256 MiB array copy. A step's time is the decoding alone (prefill apart) / new tokens.
 
 `--commands gpt2_1 gpt2_8` times whole commands, alternating: `python -m parallel_gpt.evaluate
---init_from=DIR --top_k 1` against a script that loads DIR with transformers and calls
-generate(), at those GPT-2 cases (batch 8 as --num_samples 8; `--cases` with no names skips
-the in-process cases).
+--init_from=DIR --top_k 1` with JAX's compilation cache filled by one earlier run (as a
+user's second run has it), the same with `--compilation_cache=off` (a first run: every
+program compiled), and a script that loads DIR with transformers and calls generate(), at
+those GPT-2 cases (batch 8 as --num_samples 8; `--cases` with no names skips the
+in-process cases).
 """
 
 from __future__ import annotations
@@ -170,28 +172,33 @@ HF_SCRIPT = textwrap.dedent("""
 
 
 def commands(rounds: int, cases: list[str]):
-    """Whole commands, alternating: evaluate against a transformers script, on one exported directory."""
+    """Whole commands, alternating: evaluate (compilation cache filled, and off) against a
+    transformers script, on one exported directory."""
     config = SHAPES["gpt2"].for_platform(jax.default_backend())
     model = GPT.create(config, key=jax.random.key(0))
     tokenizer = GPT2Tokenizer()
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, tempfile.TemporaryDirectory() as cache:
         hf.export(config, checkpoint.flatten(model, "model"), tokenizer, tmp)
         for case in cases:
             prompt, samples, n = {"gpt2_1": ("Hello, world", 1, 200), "gpt2_8": ("the" + " the" * 511, 8, 200)}[case]
             assert len(tokenizer.encode(prompt)) in (3, 512)
             ours = [sys.executable, "-m", "parallel_gpt.evaluate", f"--init_from={tmp}", "--prompt", prompt,
-                    "--max_new_tokens", str(n), "--top_k", "1", "--num_samples", str(samples)]
-            theirs = [sys.executable, "-c", HF_SCRIPT, tmp, prompt, str(n), str(samples)]
-            times = {"ours": [], "transformers": []}
+                    "--max_new_tokens", str(n), "--top_k", "1", "--num_samples", str(samples),
+                    f"--compilation_cache={cache}"]
+            cmds = {"ours": ours, "ours, compiling": ours[:-1] + ["--compilation_cache=off"],
+                "transformers": [sys.executable, "-c", HF_SCRIPT, tmp, prompt, str(n), str(samples)]}
+            subprocess.run(ours, check=True, capture_output=True)  # fills the compilation cache, as a first run does
+            times = {k: [] for k in cmds}
             for _ in range(rounds):
-                for k, cmd in (("ours", ours), ("transformers", theirs)):
+                for k, cmd in cmds.items():
                     t = time.perf_counter()
                     subprocess.run(cmd, check=True, capture_output=True)
                     times[k].append(time.perf_counter() - t)
             rate = {k: n * samples / statistics.median(v) for k, v in times.items()}
-            print(f"whole command, batch {samples}, prompt {len(tokenizer.encode(prompt))}, {n} new: ours "
-                  f"{rate['ours']:.1f} tok/s, transformers {rate['transformers']:.1f} tok/s, "
-                  f"ours / transformers {rate['ours'] / rate['transformers']:.2f}x", flush=True)
+            print(f"whole command, batch {samples}, prompt {len(tokenizer.encode(prompt))}, {n} new: "
+                  + ", ".join(f"{k} {r:.1f} tok/s ({statistics.median(times[k]):.1f} s)" for k, r in rate.items())
+                  + "; ours / transformers " + ", ".join(f"{rate[k] / rate['transformers']:.2f}x ({k})"
+                                                          for k in ("ours", "ours, compiling")), flush=True)
 
 
 def main():

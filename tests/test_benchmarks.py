@@ -168,3 +168,19 @@ def test_goodput_benchmark_times_both_kinds_of_checkpoint(bench_modules, tmp_pat
     assert figures["state_bytes"] == 12 * figures["params"]
     assert all(positive_finite(figures[k]) for k in ("foreground_s", "background_s", "background_over_foreground"))
     assert [p.name for p in (tmp_path / "ckpt_cpu" / "checkpoints").iterdir()] == ["step_00000004"]  # keep=1
+
+
+def test_generate_floor_is_every_weight_once_and_each_rows_cache_up_to_its_position(bench_modules):
+    import jax
+    import jax.numpy as jnp
+    from generate import step_bytes
+    from parallel_gpt.model import GPT, GPTConfig
+
+    config = GPTConfig(n_layer=2, n_head=2, n_embd=8, block_size=16, vocab_size=32, vocab_tokens=30,
+                       dropout=0.0).for_platform("cpu")
+    model = GPT.create(config, key=jax.random.key(0))
+    weights = sum(x.size for x in jax.tree.leaves(model)) - 16 * 8 + 8  # of the position table, one row
+    # 3 new tokens after a 5-token prompt: the steps read the cache up to positions 5, 6, 7 (6, 7, 8 entries).
+    assert step_bytes(model, 2, 5, 3) == 4 * weights + 4 * 2 * 2 * 2 * 7 * 8  # keys and values, layers, rows
+    half = jax.tree.map(lambda a: a.astype(jnp.bfloat16), model)
+    assert step_bytes(half, 2, 5, 3) == step_bytes(model, 2, 5, 3) / 2

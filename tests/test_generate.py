@@ -40,6 +40,21 @@ def test_cached_logits_equal_the_full_forward_pass_at_every_position(kv_block):
     assert positions.max() == CFG.block_size  # the last step wrote position 23
 
 
+@pytest.mark.parametrize("lengths", [[1, 1, 1], [2, 1, 1], [3, 1, 2], [5, 8, 1], [9, 3, 16], [17, 2, 24]])
+def test_each_prefill_bucket_and_the_step_after_it_equal_the_full_forward_pass(lengths):
+    # The prefill computes the first power of two >= the longest prompt: 1, 2, 4, 8, 16, and the whole
+    # 24-position window (32 clipped to it); at 24 the next position is the window's edge, not decoded.
+    lengths = np.array(lengths, np.int32)
+    seqs = np.random.default_rng(1).integers(0, TOK.vocab_size, (3, 24)).astype(np.int32)
+    window = np.where(np.arange(24) < lengths[:, None], seqs, 0)
+    cache, last = prefill(MODEL, jnp.asarray(window), jnp.asarray(lengths))
+    full = np.asarray(MODEL(jnp.asarray(seqs)))[..., :TOK.vocab_size]  # (B, 24, V)
+    np.testing.assert_allclose(last[:, :TOK.vocab_size], full[np.arange(3), lengths - 1], atol=1e-5, rtol=1e-5)
+    at = np.minimum(lengths, 23)  # rows whose window is full decode position 23 again: any cached prefix works
+    logits, _ = decode_step(MODEL, jnp.asarray(seqs[np.arange(3), at]), jnp.asarray(at), cache)
+    np.testing.assert_allclose(logits[:, :TOK.vocab_size], full[np.arange(3), at], atol=1e-5, rtol=1e-5)
+
+
 def test_bfloat16_weights_keep_a_bfloat16_cache_and_the_float32_logits_close():
     model = jax.tree.map(lambda a: a.astype(jnp.bfloat16), MODEL)  # what evaluate --dtype bfloat16 loads
     seqs = np.random.default_rng(0).integers(0, TOK.vocab_size, (3, 24)).astype(np.int32)
@@ -146,9 +161,10 @@ def test_empty_cache_shape():
 
 def test_a_different_max_new_tokens_in_the_same_bucket_does_not_compile_again():
     kw = dict(temperature=0.7, top_k=5, seed=3)
+    decode.clear_cache(), _prefill.clear_cache()  # whatever other tests compiled
     generate(MODEL, TOK, PROMPTS, max_new_tokens=40, **kw)  # tokens buffer: 20 + 40 -> 64
     compiled = decode._cache_size(), _prefill._cache_size()
     generate(MODEL, TOK, PROMPTS, max_new_tokens=33, **{**kw, "temperature": 1.3, "seed": 4})  # 53 -> 64
     generate(MODEL, TOK, ["ab", "c", "d"], max_new_tokens=50, **kw)  # 52 -> 64; prompts of 2: a new prefill
-    assert decode._cache_size() == compiled[0]
+    assert decode._cache_size() == compiled[0] == 1
     assert _prefill._cache_size() == compiled[1] + 1
