@@ -2,7 +2,7 @@
 against the memory floor.
 
     python benchmarks/generate.py [--rounds 2] [--cases char1 char8 gpt2_1 gpt2_8] [--dtype bfloat16]
-                                  [--commands gpt2_1 gpt2_8]
+                                  [--commands gpt2_1 gpt2_8] [--profile]
 
 Each case is a model shape (random weights, float32), a batch, a prompt length and a number
 of new tokens, continued greedily by `generate.decode` after `generate.prefill`, in
@@ -20,6 +20,11 @@ n_embd numbers (4 bytes each, 2 in bfloat16); the floor is those bytes, averaged
 run's steps, over the host memory bandwidth, measured in the same run as (bytes read +
 bytes written) / seconds of a 256 MiB array copy. A step's time is the decoding alone (prefill apart) / new tokens.
 
+`--profile` times nothing: it traces 20 decode steps of each case with jax.profiler and
+prints the decode program's op time by kind (XLA's op names: `dot` and `ynn_fusion` are
+matrix products, `copy_dot_fusion` the output head at batch 1, `*dynamic-slice*` the
+cache's blocks read out for attention).
+
 `--commands gpt2_1 gpt2_8` times whole commands, alternating: `python -m parallel_gpt.evaluate
 --init_from=DIR --top_k 1` with JAX's compilation cache filled by one earlier run (as a
 user's second run has it), the same with `--compilation_cache=off` (a first run: every
@@ -31,12 +36,17 @@ in-process cases).
 from __future__ import annotations
 
 import argparse
+import collections
+import gzip
+import json
+import re
 import statistics
 import subprocess
 import sys
 import tempfile
 import textwrap
 import time
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -89,18 +99,26 @@ def timed(fn) -> float:
     return time.perf_counter() - t
 
 
-def measure(case: str, rounds: int, with_transformers: bool, bw: float, dtype=jnp.float32):
-    name, batch, P, n_cached, n_recompute = CASES[case]
+def inputs(case: str, dtype=jnp.float32):
+    """The case's model (random weights in `dtype`), prompts (B, P), prefill window (B,
+    block_size) and lengths (B,), and a token buffer with room for the new tokens."""
+    name, batch, P, n_cached, _ = CASES[case]
     config = SHAPES[name].for_platform(jax.default_backend(), dtype)
     model = jax.tree.map(lambda a: a.astype(dtype), GPT.create(config, key=jax.random.key(0)))
-    if dtype != jnp.float32:  # the recompute path and transformers compute in float32: not the same work
-        n_recompute, with_transformers = 0, False
     T = config.block_size
     prompts = np.random.default_rng(0).integers(0, config.vocab_tokens, (batch, P)).astype(np.int32)
     window = jnp.asarray(np.pad(prompts, ((0, 0), (0, T - P))))
     lengths = jnp.full((batch,), P, jnp.int32)
-    key = jax.random.key(0)
     buffer = np.pad(prompts, ((0, 0), (0, T + n_cached - P)))  # one shape for every call: one compile each
+    return model, prompts, window, lengths, buffer
+
+
+def measure(case: str, rounds: int, with_transformers: bool, bw: float, dtype=jnp.float32):
+    name, batch, P, n_cached, n_recompute = CASES[case]
+    model, prompts, window, lengths, buffer = inputs(case, dtype)
+    if dtype != jnp.float32:  # the recompute path and transformers compute in float32: not the same work
+        n_recompute, with_transformers = 0, False
+    key = jax.random.key(0)
     prefill_s = []  # the prefill's part of each cached run
 
     def cached(n):
@@ -139,6 +157,34 @@ def measure(case: str, rounds: int, with_transformers: bool, bw: float, dtype=jn
           f"{statistics.median(prefill_s[-rounds:]):.2f} s; decode step {step * 1e3:.1f} ms, floor "
           f"{floor * 1e3:.1f} ms ({step_bytes(model, batch, P, n_cached) / 1e6:.0f} MB), step / floor "
           f"{step / floor:.2f}x", flush=True)
+
+
+def profile(case: str, steps: int = 20):
+    """Where a decode step's time goes: a jax.profiler trace of `steps` greedy steps after
+    the case's prefill, the decode program's ops summed by kind (XLA's op name without its
+    .N suffix). A while loop's own span holds its body's ops, so loops are left out."""
+    model, _, window, lengths, buffer = inputs(case)
+    greedy = lambda cache, logits: decode(model, cache, logits, jnp.asarray(buffer), lengths, lengths, steps, 0,
+                                          jax.random.key(0), 0.0, 1.0, **GREEDY)
+    jax.block_until_ready(greedy(*prefill(model, window, lengths)))  # compiled
+    cache, logits = jax.block_until_ready(prefill(model, window, lengths))
+    with tempfile.TemporaryDirectory() as tmp:
+        jax.profiler.start_trace(tmp, create_perfetto_trace=True)
+        step = timed(lambda: greedy(cache, logits)) / steps
+        jax.profiler.stop_trace()
+        trace = json.load(gzip.open(next(Path(tmp).rglob("perfetto_trace.json.gz"))))
+    kinds, calls = collections.Counter(), collections.Counter()
+    for e in trace["traceEvents"] if isinstance(trace, dict) else trace:
+        if e.get("ph") == "X" and e.get("args", {}).get("hlo_module") == "jit_decode":
+            kind = re.sub(r"\.\d+$", "", e["name"])
+            if kind != "while":
+                kinds[kind] += e["dur"] / 1e3 / steps  # ms per step
+                calls[kind] += 1 / steps
+    print(f"{case}: decode step {step * 1e3:.1f} ms (traced), of which ops by kind (ms per step, calls per step):")
+    for kind, ms in kinds.most_common(8):
+        print(f"  {ms:7.2f} ms {calls[kind]:6.0f}  {kind}")
+    print(f"  {sum(kinds.values()) - sum(ms for _, ms in kinds.most_common(8)):7.2f} ms         the other "
+          f"{len(kinds) - min(8, len(kinds))} kinds", flush=True)
 
 
 def transformers_runner(model: GPT, prompts: np.ndarray, n: int):
@@ -208,7 +254,13 @@ def main():
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--commands", nargs="*", default=[], choices=["gpt2_1", "gpt2_8"],
                     help="also time whole evaluate commands at these cases")
+    ap.add_argument("--profile", action="store_true",
+                    help="instead of timing, trace 20 decode steps of each case and sum the ops by kind")
     args = ap.parse_args()
+    if args.profile:
+        for case in args.cases:
+            profile(case)
+        return
     try:
         import transformers  # noqa: F401
         have_transformers = True

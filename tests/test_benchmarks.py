@@ -184,3 +184,14 @@ def test_generate_floor_is_every_weight_once_and_each_rows_cache_up_to_its_posit
     assert step_bytes(model, 2, 5, 3) == 4 * weights + 4 * 2 * 2 * 2 * 7 * 8  # keys and values, layers, rows
     half = jax.tree.map(lambda a: a.astype(jnp.bfloat16), model)
     assert step_bytes(half, 2, 5, 3) == step_bytes(model, 2, 5, 3) / 2
+
+
+def test_generate_profile_sums_the_decode_programs_ops_by_kind(bench_modules, capsys):
+    from generate import profile
+
+    profile("char1", steps=2)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("char1: decode step ") and "ops by kind" in lines[0]
+    kinds = {line.split()[3]: float(line.split()[0]) for line in lines[1:-1]}  # "  2.04 ms     48  dot"
+    assert kinds and "while" not in kinds and all(ms >= 0 for ms in kinds.values())
+    assert {"dot", "ynn_fusion"} & set(kinds)  # the products are traced
