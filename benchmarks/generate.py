@@ -164,8 +164,11 @@ def profile(case: str, steps: int = 20):
     the case's prefill, the decode program's ops summed by kind (XLA's op name without its
     .N suffix). A while loop's own span holds its body's ops, so loops are left out."""
     model, _, window, lengths, buffer = inputs(case)
-    greedy = lambda cache, logits: decode(model, cache, logits, jnp.asarray(buffer), lengths, lengths, steps, 0,
-                                          jax.random.key(0), 0.0, 1.0, **GREEDY)
+
+    def greedy(cache, logits):
+        return decode(model, cache, logits, jnp.asarray(buffer), lengths, lengths, steps, 0, jax.random.key(0), 0.0,
+                      1.0, **GREEDY)
+
     jax.block_until_ready(greedy(*prefill(model, window, lengths)))  # compiled
     cache, logits = jax.block_until_ready(prefill(model, window, lengths))
     with tempfile.TemporaryDirectory() as tmp:
@@ -232,7 +235,7 @@ def commands(rounds: int, cases: list[str]):
                     "--max_new_tokens", str(n), "--top_k", "1", "--num_samples", str(samples),
                     f"--compilation_cache={cache}"]
             cmds = {"ours": ours, "ours, compiling": ours[:-1] + ["--compilation_cache=off"],
-                "transformers": [sys.executable, "-c", HF_SCRIPT, tmp, prompt, str(n), str(samples)]}
+                    "transformers": [sys.executable, "-c", HF_SCRIPT, tmp, prompt, str(n), str(samples)]}
             subprocess.run(ours, check=True, capture_output=True)  # fills the compilation cache, as a first run does
             times = {k: [] for k in cmds}
             for _ in range(rounds):

@@ -50,7 +50,7 @@ def test_each_prefill_bucket_and_the_step_after_it_equal_the_full_forward_pass(l
     cache, last = prefill(MODEL, jnp.asarray(window), jnp.asarray(lengths))
     full = np.asarray(MODEL(jnp.asarray(seqs)))[..., :TOK.vocab_size]  # (B, 24, V)
     np.testing.assert_allclose(last[:, :TOK.vocab_size], full[np.arange(3), lengths - 1], atol=1e-5, rtol=1e-5)
-    at = np.minimum(lengths, 23)  # rows whose window is full decode position 23 again: any cached prefix works
+    at = np.minimum(lengths, 23)  # a full window (24) writes position 23 again, with the same key and value
     logits, _ = decode_step(MODEL, jnp.asarray(seqs[np.arange(3), at]), jnp.asarray(at), cache)
     np.testing.assert_allclose(logits[:, :TOK.vocab_size], full[np.arange(3), at], atol=1e-5, rtol=1e-5)
 
@@ -161,7 +161,8 @@ def test_empty_cache_shape():
 
 def test_a_different_max_new_tokens_in_the_same_bucket_does_not_compile_again():
     kw = dict(temperature=0.7, top_k=5, seed=3)
-    decode.clear_cache(), _prefill.clear_cache()  # whatever other tests compiled
+    decode.clear_cache()  # whatever other tests compiled
+    _prefill.clear_cache()
     generate(MODEL, TOK, PROMPTS, max_new_tokens=40, **kw)  # tokens buffer: 20 + 40 -> 64
     compiled = decode._cache_size(), _prefill._cache_size()
     generate(MODEL, TOK, PROMPTS, max_new_tokens=33, **{**kw, "temperature": 1.3, "seed": 4})  # 53 -> 64

@@ -82,8 +82,11 @@ def test_each_level_and_layer_layout_trains_as_replicated_unrolled(level, n, sca
 def test_bfloat16_activations_at_level_full():
     # bfloat16 rounds differently whenever XLA fuses differently (remat alone moves the
     # final weights by up to 5e-2 here), so the level is compared on the same program shape.
+    # The float32 sums still round differently between the two programs: on one CPU the
+    # losses agreed to 1e-5, on another 3 of 20 differ by 1.5e-5 (relative). rtol 1e-4 is
+    # still 78x below one bfloat16 rounding (2**-7).
     got, want = run("full", 8, True, "bfloat16", remat="dots"), run("replicated", 8, True, "bfloat16", remat="dots")
-    np.testing.assert_allclose(got[0], want[0], rtol=1e-5)
+    np.testing.assert_allclose(got[0], want[0], rtol=1e-4)
 
 
 def test_one_device_equals_eight_at_level_full():
