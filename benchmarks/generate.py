@@ -184,10 +184,11 @@ def profile(case: str, steps: int = 20):
                 kinds[kind] += e["dur"] / 1e3 / steps  # ms per step
                 calls[kind] += 1 / steps
     print(f"{case}: decode step {step * 1e3:.1f} ms (traced), of which ops by kind (ms per step, calls per step):")
-    for kind, ms in kinds.most_common(8):
+    top = kinds.most_common(8)
+    for kind, ms in top:
         print(f"  {ms:7.2f} ms {calls[kind]:6.0f}  {kind}")
-    print(f"  {sum(kinds.values()) - sum(ms for _, ms in kinds.most_common(8)):7.2f} ms         the other "
-          f"{len(kinds) - min(8, len(kinds))} kinds", flush=True)
+    print(f"  {sum(kinds.values()) - sum(ms for _, ms in top):7.2f} ms         the other {len(kinds) - len(top)} kinds",
+          flush=True)
 
 
 def transformers_runner(model: GPT, prompts: np.ndarray, n: int):
