@@ -271,23 +271,25 @@ class GPT(nn.Module):
         `key` enables dropout (training); `dtype` is the activation dtype: weights stay
         float32 and are cast where they are used, the logits are float32.
         `gather(module, name)`, for fully sharded state (`sharding.StateLayout`), returns the
-        whole parameters of the module named `name` ("wte", "wpe", "ln_f", or "h" for one
-        block) from this device's shards of them; each block's are gathered just before it
-        runs, so that one block's whole weights exist at a time.
+        whole parameters of the module named `name` ("wte", "wpe+ln_f" for the two together,
+        or "h" for one block) from this device's shards of them; each block's are gathered
+        just before it runs, so that one block's whole weights exist at a time.
         """
         B, T = idx.shape
         if T > self.config.block_size:
             raise ValueError(f"sequence length {T} exceeds block_size={self.config.block_size}")
-        model = self if gather is None else dataclasses.replace(
-            self, wte=gather(self.wte, "wte"), wpe=gather(self.wpe, "wpe"), ln_f=gather(self.ln_f, "ln_f"))
+        model = self
+        if gather is not None:
+            # Every collective must depend on the one before it by data: XLA:CPU gives all
+            # collectives of a program one rendezvous key and runs the scan over the blocks
+            # (its gathers) while a collective it does not depend on runs (measured: a crash).
+            # ln_f, needed only by the head, shares wpe's all-gather: x depends on wpe and the
+            # blocks on x, and in the backward pass their one reduce-scatter waits for wpe's
+            # gradient, which comes after the blocks'.
+            wpe, ln_f = gather((self.wpe, self.ln_f), "wpe+ln_f")
+            model = dataclasses.replace(self, wte=gather(self.wte, "wte"), wpe=wpe, ln_f=ln_f)
         keys = jax.random.split(key, 1 + self.config.n_layer) if key is not None else None
         x = model.wte(idx) + model.wpe.weight[None, :T]  # (B, T, C)
-        if gather is not None:
-            # Every device must run its collectives in one order. Tying the gathered leaves
-            # to x schedules their gathers before the blocks' (ln_f's is needed only by the
-            # head). XLA:CPU drops the barrier before it runs the program and may still run
-            # independent collectives concurrently (see `parallel.step`'s stop).
-            x, model = lax.optimization_barrier((x, model))
         x = model.drop(x.astype(dtype), key=None if keys is None else keys[0])
         x = model.blocks(x, None if keys is None else keys[1:], gather)
         return model.head(x)

@@ -119,11 +119,9 @@ def step(model, xb, yb, opt_state, stop=0, *, hp: AdamHParams, seed: int = 0, gr
     key = dropout_key(seed, opt_state.count) if model.config.dropout > 0 else None
     gather = layout.gather if layout.sharded_model else None
     loss, grads = loss_and_grads(model, xb, yb, key, grad_accum, dtype, gather)
-    if gather is not None:  # the collectives below scheduled after the blocks' (see `GPT.__call__`)
-        loss, grads, stop = lax.optimization_barrier((loss, grads, stop))
-    loss, grads = layout.reduce(loss, grads)
+    loss, grads, grad_norm = layout.reduce(loss, grads)
     params, opt_state, metrics = guarded_update(layout.own(model), grads, loss, opt_state, hp,
-                                                grad_norm=layout.grad_norm(grads), decays=layout.decays)
+                                                grad_norm=grad_norm, decays=layout.decays)
     if lax.axis_size(AXIS) > 1:
         # Taken with the skip flag (the same on every device), which depends on the loss and
         # the gradient: the stop's all-reduce cannot then run before the blocks' gathers

@@ -113,6 +113,19 @@ class LeafSpec:
         return lax.psum_scatter(self.store(whole), AXIS, scatter_dimension=self.axis, tiled=True)
 
 
+def gather_together(specs: list[LeafSpec], shards: list) -> list:
+    """`LeafSpec.gather` of several leaves in one all-gather: each shard flattened with its
+    split axis first, laid end to end. Its transpose, the gradient's, is one reduce-scatter."""
+    pieces = [jnp.moveaxis(shard, spec.axis, 0) for spec, shard in zip(specs, shards)]
+    gathered = lax.all_gather(jnp.concatenate([p.reshape(-1) for p in pieces]), AXIS)  # (n, total)
+    wholes, start = [], 0
+    for spec, piece in zip(specs, pieces):
+        block = gathered[:, start:start + piece.size].reshape(spec.n * piece.shape[0], *piece.shape[1:])
+        wholes.append(spec.restore(jnp.moveaxis(block, 0, spec.axis)))
+        start += piece.size
+    return wholes
+
+
 class TrainState(NamedTuple):
     """What a training step updates: the model and its AdamW state."""
 
@@ -137,7 +150,7 @@ class StateLayout:
             lambda path, a: LeafSpec.choose(a.shape, n, stacked and path[0].name == "h"), model)
         self.decays = model.decays()  # from the logical shapes: a shard's say nothing
         h = self.specs.h if stacked else self.specs.h[0]  # every block's leaves have one layer's shapes
-        self._gather_specs = {"wte": self.specs.wte, "wpe": self.specs.wpe, "ln_f": self.specs.ln_f,
+        self._gather_specs = {"wte": self.specs.wte, "wpe+ln_f": (self.specs.wpe, self.specs.ln_f),
                               "h": jax.tree.map(LeafSpec.layer, h)}
         split = lambda sharded: jax.tree.map(lambda spec: spec.partition() if sharded else P(), self.specs)  # noqa: E731
         moments = split(self.sharded_opt)
@@ -194,20 +207,30 @@ class StateLayout:
     # --- inside the per-device step
 
     def gather(self, module, name: str):
-        """`GPT.__call__`'s `gather` at level full: the whole parameters of `module`."""
-        return jax.tree.map(lambda spec, shard: spec.gather(shard), self._gather_specs[name], module)
+        """`GPT.__call__`'s `gather` at level full: the whole parameters of `module`, one
+        all-gather per leaf; "wpe+ln_f"'s leaves (a tuple of the two modules) in one."""
+        specs = self._gather_specs[name]
+        if name == "wpe+ln_f":
+            return jax.tree.unflatten(jax.tree.structure(module),
+                                      gather_together(jax.tree.leaves(specs), jax.tree.leaves(module)))
+        return jax.tree.map(lambda spec, shard: spec.gather(shard), specs, module)
 
     def reduce(self, loss, grads):
         """The loss and gradient averaged over the devices: whole (replicated) or this
-        device's shard of it. At level full the gradient arrived as the shard of the sum."""
-        if self.n == 1:
-            return loss, grads
+        device's shard of it (at level full it arrived as the shard of the sum), and the
+        gradient's global L2 norm."""
         if self.level == "replicated":
-            return lax.pmean((loss, grads), AXIS)
-        loss = lax.pmean(loss, AXIS)
+            if self.n > 1:
+                loss, grads = lax.pmean((loss, grads), AXIS)
+            return loss, grads, jnp.sqrt(_squares(grads))
         if self.level == "optimizer":
             grads = jax.tree.map(lambda spec, g: spec.reduce_scatter(g), self.specs, grads)
-        return loss, jax.tree.map(lambda g: g / self.n, grads)
+        grads = jax.tree.map(lambda g: g / self.n, grads)
+        # The loss and the norm of every device's shards in one all-reduce, which depends on
+        # the gradient: so it runs after every collective of the backward pass (see
+        # `GPT.__call__`), as do the update's.
+        loss, squares = lax.psum(jnp.stack([loss / self.n, _squares(grads)]), AXIS)
+        return loss, grads, jnp.sqrt(squares)
 
     def own(self, model):
         """The parameters this device updates: at level optimizer, its shard of each leaf."""
@@ -221,10 +244,9 @@ class StateLayout:
             return params
         return jax.tree.map(lambda spec, p: spec.gather(p), self.specs, params)
 
-    def grad_norm(self, grads):
-        """The global L2 norm of the (reduced) gradient: of the whole, or of every device's shards."""
-        squares = sum(jnp.sum(jnp.square(g)) for g in jax.tree.leaves(grads))
-        return jnp.sqrt(lax.psum(squares, AXIS) if self.sharded_opt else squares)
+def _squares(grads):
+    """The sum of the squares of every element of `grads`."""
+    return sum(jnp.sum(jnp.square(g)) for g in jax.tree.leaves(grads))
 
 
 def _host_copy(x, keep: bool):

@@ -2,17 +2,19 @@
 
 import dataclasses
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.sharding import PartitionSpec as P
 
 from parallel_gpt import parallel, plan
 from parallel_gpt.config import make_config
 from parallel_gpt.model import GPT, GPTConfig
 from parallel_gpt.optim import AdamHParams
-from parallel_gpt.sharding import LeafSpec
+from parallel_gpt.sharding import LeafSpec, gather_together
 
 # n_embd 32, vocab 64, block 8: 8 devices split a dimension of every leaf; 3 divide only
 # c_attn's 96 columns, so every other leaf is flattened and padded (and a matrix's shard is
@@ -63,6 +65,96 @@ def test_a_leaf_is_split_along_a_dimension_that_divides_else_flattened_and_padde
     stored = odd.store(x)
     assert stored.shape == (3, 28) and not stored[:, 24:].any()  # zero padding
     np.testing.assert_array_equal(odd.restore(stored), x)
+
+
+def test_leaves_gathered_together_equal_each_gathered_alone_and_so_do_their_gradients():
+    # Split along dimension 0, along dimension 1, and flattened and padded, over 3 devices.
+    specs = [LeafSpec.choose(shape, 3, stacked=False) for shape in ((6, 4), (4, 6), (5,))]
+    assert [spec.dim for spec in specs] == [0, 1, None]
+    rng = np.random.default_rng(0)
+    wholes = [rng.standard_normal(spec.shape).astype(np.float32) for spec in specs]
+    cotangents = [rng.standard_normal(spec.shape).astype(np.float32) for spec in specs]
+    mesh = parallel.make_mesh(3)
+
+    def per_device(gather, shards, cots):
+        gathered, vjp = jax.vjp(gather, shards)
+        return gathered, vjp(cots)[0]
+
+    def run(gather):
+        return jax.jit(jax.shard_map(functools.partial(per_device, gather), mesh=mesh,
+                                     in_specs=([spec.partition() for spec in specs], P()),
+                                     out_specs=(P(), [spec.partition() for spec in specs]), check_vma=False))(
+            [spec.store(w) for spec, w in zip(specs, wholes)], cotangents)
+
+    together = run(lambda shards: gather_together(specs, shards))
+    alone = run(lambda shards: [spec.gather(s) for spec, s in zip(specs, shards)])
+    for a, b, whole in zip(together[0], alone[0], wholes):
+        np.testing.assert_array_equal(a, whole)
+        np.testing.assert_array_equal(b, whole)
+    for a, b in zip(together[1], alone[1]):  # the gradient of each shard: its part of the cotangent's sum
+        np.testing.assert_allclose(a, b, rtol=1e-6)
+
+
+_COLLECTIVES = {"all-gather", "all-reduce", "reduce-scatter", "collective-permute", "all-to-all"}
+
+
+def _computations(hlo: str) -> dict[str, list[tuple[str, str, list[str], list[str]]]]:
+    """{computation: [(name, opcode, operand names, called computations)]} of an HLO module's text."""
+    computations, instructions = {}, None
+    for line in hlo.splitlines():
+        if line.endswith("{") and not line.startswith(" "):  # a computation's header
+            instructions = computations.setdefault(line.removeprefix("ENTRY ").split()[0].lstrip("%"), [])
+        elif line.startswith("}"):
+            instructions = None
+        elif instructions is not None and (m := re.match(r"\s*(?:ROOT )?%(\S+) = .*? ([\w-]+)\((.*)", line)):
+            name, opcode, rest = m.groups()
+            depth, end = 1, 0
+            while depth:  # the operand list ends at its closing parenthesis
+                depth += {"(": 1, ")": -1}.get(rest[end], 0)
+                end += 1
+            attributes = rest[end:]
+            called = re.findall(r"(?:body|condition|to_apply|calls|true_computation|false_computation)=%([\w.-]+)",
+                                attributes)
+            if branches := re.search(r"branch_computations=\{([^}]*)\}", attributes):
+                called += re.findall(r"%([\w.-]+)", branches.group(1))
+            instructions.append((name, opcode, re.findall(r"%([\w.-]+)", rest[:end]), called))
+    return computations
+
+
+def unordered_collectives(hlo: str) -> list[tuple[str, str]]:
+    """Pairs of collectives that XLA:CPU may run at once on one device, in a compiled
+    program's HLO: within a computation, two collectives where one is inside a loop (or
+    another called computation) and no data path leads from one to the other. (XLA:CPU
+    orders two plain collectives of one computation itself, but not a loop's.)"""
+    computations = _computations(hlo)
+    holds = functools.cache(lambda c: any(op in _COLLECTIVES or any(map(holds, called))
+                                          for _, op, _, called in computations.get(c, ())))
+    pairs = []
+    for instructions in computations.values():
+        before = {}  # name -> every instruction it depends on
+        for name, _, operands, _ in instructions:
+            before[name] = set().union(*({o} | before.get(o, set()) for o in operands))
+        looped = [name for name, op, _, called in instructions if op not in _COLLECTIVES and any(map(holds, called))]
+        plain = [name for name, op, _, _ in instructions if op in _COLLECTIVES]
+        pairs += [(a, b) for i, a in enumerate(looped) for b in looped[i + 1:] + plain
+                  if a not in before[b] and b not in before[a]]
+    return pairs
+
+
+@pytest.mark.parametrize("scan, grad_accum", [(True, 1), (True, 2), (False, 1)])
+def test_at_level_full_every_collective_waits_for_the_one_before_by_data(scan, grad_accum):
+    """XLA:CPU keys all collectives of a program alike and runs a loop of them while a
+    collective it does not depend on runs: a device then joins one rendezvous twice (a
+    crash in CI, or data from the wrong collective). The step's and evaluation's
+    collectives, the blocks' scan included, are ordered by data."""
+    config = dataclasses.replace(CFG, scan_layers=scan).for_platform("cpu")
+    dp = parallel.DataParallel(parallel.make_mesh(8), hp=HP, grad_accum=grad_accum, state_sharding="full")
+    state = dp.place(GPT.create(config, key=jax.random.key(0)))
+    xb, yb = dp.batch(*data(1)[0])
+    step = dp.lower(state, xb, yb).compile().as_text()
+    evaluation = dp._eval.lower(state.model, xb, yb).compile().as_text()
+    assert "while" in step or not scan
+    assert unordered_collectives(step) == [] and unordered_collectives(evaluation) == []
 
 
 @pytest.mark.parametrize("level, n, scan, remat", [
