@@ -244,6 +244,7 @@ class StateLayout:
             return params
         return jax.tree.map(lambda spec, p: spec.gather(p), self.specs, params)
 
+
 def _squares(grads):
     """The sum of the squares of every element of `grads`."""
     return sum(jnp.sum(jnp.square(g)) for g in jax.tree.leaves(grads))
